@@ -1,0 +1,2 @@
+"""snag-dist: distributed SNAG trainer."""
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from snag_dist.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Load a Config from YAML (a file or a shipped preset) plus dotted ``key=value`` overrides.
+
+Errors are one line and name the key: unknown keys get the closest valid key as a hint,
+wrong types / out-of-range values name the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tempfile
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from snag_dist.config.schema import Config
+from snag_dist.errors import ConfigError
+
+PRESET_PACKAGE = "snag_dist.config.presets"
+
+
+def preset_names() -> list[str]:
+    files = resources.files(PRESET_PACKAGE).iterdir()
+    return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str) -> dict[str, Any]:
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {source}")
+        text = path.read_text()
+    elif source in preset_names():
+        text = resources.files(PRESET_PACKAGE).joinpath(f"{source}.yaml").read_text()
+    else:
+        hint = difflib.get_close_matches(source, preset_names(), n=1)
+        extra = f" (did you mean preset '{hint[0]}'?)" if hint else f" (presets: {', '.join(preset_names())})"
+        raise ConfigError(f"config '{source}' is neither a file nor a preset{extra}")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {source}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        return deep_merge(_read_yaml(str(base)), data)
+    return data
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "model.modalities=[structure,name]"]`` -> nested dict."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
+        node[parts[-1]] = value
+    return tree
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    return None
+
+
+def check_keys(data: dict[str, Any], cls: type, prefix: str = "") -> None:
+    """Reject unknown keys anywhere in the tree, naming the closest valid one."""
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        sub = _dataclass_of(hints[key])
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' must be a mapping, got {value!r}")
+            check_keys(value, sub, prefix=f"{dotted}.")
+
+
+def build(data: dict[str, Any]) -> Config:
+    check_keys(data, Config)
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        raise ConfigError(f"config key '{loc}': bad value {value!r}: {err['msg']}") from None
+    except TypeError as exc:
+        raise ConfigError(f"config: {exc}") from None
+
+
+def load_config(source: str | None = None, overrides: list[str] | None = None) -> Config:
+    data = _read_yaml(source) if source else {}
+    data = deep_merge(data, parse_overrides(overrides or []))
+    return build(data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A new Config with nested ``overrides`` applied (and validated)."""
+    return build(deep_merge(to_dict(cfg), overrides))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Atomic write of the resolved config (a YAML that `snag-dist train --config` takes unchanged)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+    os.replace(tmp, path)

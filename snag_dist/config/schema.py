@@ -1,0 +1,157 @@
+"""The typed config tree: one frozen, validated dataclass per component.
+
+A component receives only its own sub-config (``NoiseConfig``, not the tree). Every field
+carries a one-line doc (its ``description``) and a validator (type + range via pydantic).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0.0)]
+
+
+def doc(default, text: str, **kw):
+    """A field with a default and a one-line description (shown by `snag-dist config --explain`)."""
+    if isinstance(default, (list, dict)):
+        return Field(default_factory=lambda d=default: type(d)(d), description=text, **kw)
+    return Field(default=default, description=text, **kw)
+
+
+@dataclass(config=_FROZEN)
+class DataConfig:
+    shards: str = doc("", "directory written by `snag-dist prepare` (manifest.json + shards)")
+    shuffle_buffer: NonNegInt = doc(2048, "samples held by the streaming shuffle buffer (0 = no shuffle)")
+    num_workers: NonNegInt = doc(0, "DataLoader worker processes per rank")
+    block_size: PosInt = doc(65536, "triples/links per streamed block when re-batching")
+    store_dir: str = doc("", "where the memory-mapped feature store is built ('' = SHARDS/.store)")
+
+
+@dataclass(config=_FROZEN)
+class ModelConfig:
+    modalities: list[str] = doc(
+        ["structure", "relation", "attribute", "image", "name"],
+        "modalities to use; ones absent from the manifest are skipped (structure is learned)",
+    )
+    hidden: PosInt = doc(300, "hidden size of every modality token and of the fusion Transformer")
+    structure_encoder: Literal["gat", "embedding"] = doc("gat", "structure encoder: GAT over the graph or plain embedding")
+    gat_layers: NonNegInt = doc(2, "GAT layers")
+    gat_heads: PosInt = doc(2, "GAT attention heads")
+    gat_dropout: Ratio = doc(0.0, "GAT attention dropout")
+    fusion: str = doc("transformer", "fusion of modality tokens: transformer (SNAG) or concat (MCLEA/EVA-style)")
+    fusion_layers: PosInt = doc(1, "fusion Transformer layers")
+    fusion_heads: PosInt = doc(1, "fusion Transformer attention heads")
+    intermediate: PosInt = doc(400, "fusion Transformer feed-forward size")
+    use_intermediate: bool = doc(True, "use the feed-forward block in the fusion layer")
+    dropout: Ratio = doc(0.1, "dropout in the fusion Transformer")
+
+
+@dataclass(config=_FROZEN)
+class ModalityNoise:
+    noise_ratio: Ratio = doc(0.2, "share of entities whose features are noised")
+    mask_ratio: Ratio = doc(0.7, "weight of the Gaussian noise in the mix")
+
+
+@dataclass(config=_FROZEN)
+class NoiseConfig:
+    enabled: bool = doc(True, "Gauss Modality Noise Masking during training (never at evaluation)")
+    noise_ratio: Ratio = doc(0.2, "share of entities noised per modality")
+    mask_ratio: Ratio = doc(0.7, "x -> (1-mask_ratio)*x + mask_ratio*eps")
+    structure_scale: Ratio = doc(0.5, "structure modality uses noise_ratio and mask_ratio times this")
+    resample: Literal["epoch", "step"] = doc("epoch", "when the noised entities are redrawn")
+    per_modality: dict[str, ModalityNoise] = doc({}, "per-modality overrides of noise_ratio/mask_ratio")
+
+
+@dataclass(config=_FROZEN)
+class AlignmentConfig:
+    tau: PosFloat = doc(0.1, "contrastive temperature")
+    gmi_weight: Annotated[float, Field(ge=0.0)] = doc(1.0, "weight of GMI (joint-embedding contrastive loss)")
+    ecia_weight: Annotated[float, Field(ge=0.0)] = doc(1.0, "weight of ECIA (per-modality, confidence-weighted)")
+    iir_weight: Annotated[float, Field(ge=0.0)] = doc(1.0, "weight of IIR (fusion hidden outputs)")
+    csls_k: PosInt = doc(3, "CSLS neighbourhood size at evaluation")
+    iterative: bool = doc(False, "iterative training with mutual-nearest-neighbour pseudo links")
+    iterative_start: NonNegInt = doc(500, "epoch at which iterative training starts")
+    mnn_every: PosInt = doc(5, "epochs between mutual-nearest-neighbour refreshes")
+    pseudo_every: PosInt = doc(50, "epochs between adding pseudo links")
+    iterative_lr_div: PosFloat = doc(5.0, "lr divisor when iterative training starts")
+
+
+@dataclass(config=_FROZEN)
+class CompletionConfig:
+    margin: PosFloat = doc(12.0, "RotatE margin gamma")
+    negatives: PosInt = doc(32, "negative samples per positive triple")
+    adv_temperature: Annotated[float, Field(ge=0.0)] = doc(2.0, "self-adversarial sampling temperature (0 = uniform)")
+    readout: Literal["graph", "mean"] = doc("graph", "joint entity vector: structure token or mean of tokens")
+
+
+@dataclass(config=_FROZEN)
+class TaskConfig:
+    name: Literal["alignment", "completion"] = doc("alignment", "MMEA (alignment) or MKGC (completion)")
+    alignment: AlignmentConfig = doc(AlignmentConfig(), "entity-alignment objectives")
+    completion: CompletionConfig = doc(CompletionConfig(), "KG-completion objective")
+
+
+@dataclass(config=_FROZEN)
+class TrainConfig:
+    epochs: PosInt = doc(100, "training epochs")
+    batch_size: PosInt = doc(3500, "aligned pairs (alignment) or triples (completion) per step")
+    lr: PosFloat = doc(5e-4, "peak learning rate")
+    weight_decay: Annotated[float, Field(ge=0.0)] = doc(1e-3, "AdamW weight decay (not on biases/modality weights)")
+    warmup_ratio: Ratio = doc(0.15, "share of steps with linear warm-up before the cosine decay")
+    grad_clip: Annotated[float, Field(ge=0.0)] = doc(1.0, "max gradient norm (0 = off)")
+    grad_accum: PosInt = doc(1, "gradient accumulation steps")
+    seed: int = doc(42, "seed for every random choice (combined with epoch and rank)")
+    eval_every: PosInt = doc(10, "epochs between validation evaluations")
+    patience: NonNegInt = doc(0, "evaluations without improvement before early stopping (0 = off)")
+    checkpoint_every: NonNegInt = doc(0, "epochs between checkpoints (0 = only at the end)")
+    keep_last: PosInt = doc(2, "checkpoints kept")
+
+
+@dataclass(config=_FROZEN)
+class EngineConfig:
+    backend: Literal["accelerate", "deepspeed"] = doc("accelerate", "distributed backend")
+    precision: Literal["fp32", "bf16", "fp16"] = doc("fp32", "mixed precision")
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = doc(0, "DeepSpeed ZeRO stage")
+    ds_config: str = doc("", "path of a DeepSpeed ds_config JSON ('' = built from this config)")
+    fsdp: bool = doc(False, "Accelerate: FSDP instead of DDP")
+    cpu: bool = doc(False, "force CPU even when an accelerator is present")
+
+
+@dataclass(config=_FROZEN)
+class EvalConfig:
+    split: Literal["valid", "test"] = doc("valid", "split used for model selection during training")
+    chunk_size: PosInt = doc(4096, "queries scored per chunk (memory O(chunk x entities))")
+    test_at_end: bool = doc(True, "evaluate the best checkpoint on the test split at the end")
+
+
+@dataclass(config=_FROZEN)
+class TuneConfig:
+    num_samples: PosInt = doc(8, "trials")
+    search: Literal["random", "optuna"] = doc("random", "search algorithm")
+    scheduler: Literal["asha", "none"] = doc("asha", "trial scheduler")
+    max_concurrent: PosInt = doc(2, "trials running at once")
+    cpus_per_trial: PosFloat = doc(1.0, "CPUs per trial")
+    gpus_per_trial: Annotated[float, Field(ge=0.0)] = doc(0.0, "GPUs per trial")
+    grace_period: PosInt = doc(1, "ASHA: evaluations before a trial may be stopped")
+    max_failures: NonNegInt = doc(1, "retries of a crashed trial from its last checkpoint")
+
+
+@dataclass(config=_FROZEN)
+class Config:
+    name: str = doc("run", "run name")
+    data: DataConfig = doc(DataConfig(), "shards and streaming")
+    model: ModelConfig = doc(ModelConfig(), "SNAG encoders and fusion")
+    noise: NoiseConfig = doc(NoiseConfig(), "Gauss Modality Noise Masking")
+    task: TaskConfig = doc(TaskConfig(), "task and its objectives")
+    train: TrainConfig = doc(TrainConfig(), "optimisation")
+    engine: EngineConfig = doc(EngineConfig(), "backend and precision")
+    eval: EvalConfig = doc(EvalConfig(), "evaluation")
+    tune: TuneConfig = doc(TuneConfig(), "Ray Tune search")
