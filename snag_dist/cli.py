@@ -1,0 +1,137 @@
+"""``snag-dist`` command line: the only place argv is read. Errors print on one line, exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from snag_dist.errors import SnagError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from snag_dist.data.prepare import PrepareOptions, prepare
+    from snag_dist.report import print_manifest
+
+    opts = PrepareOptions(
+        shard_size=args.shard_size, block_size=args.block_size, min_shards=args.min_shards,
+        relation_topk=args.relation_topk, text=args.text, dtype=args.dtype, train_ratio=args.train_ratio,
+        valid_ratio=args.valid_ratio, seed=args.seed, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
+    )
+    manifest = prepare(args.dataset_dir, args.out_dir, opts, show_progress=not args.quiet)
+    print_manifest(manifest, args.out_dir)
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from snag_dist.data.verify import verify
+
+    report = verify(args.shards_dir, deep=not args.fast, progress=not args.quiet)
+    print(f"OK {args.shards_dir}: {report.shards} shards, {report.samples} samples, "
+          f"{report.bytes / 2**20:.1f} MiB match the manifest")
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from snag_dist.data.synth import SynthOptions, parse_modalities, synth
+
+    task = {"mmea": "mmea", "alignment": "mmea", "mkgc": "mkgc", "completion": "mkgc"}[args.task]
+    extra = {"modalities": parse_modalities(args.modalities)} if args.modalities else {}
+    opts = SynthOptions(entities=args.entities, triples=args.triples, task=task, relations=args.relations,
+                        seed=args.seed, **extra)
+    summary = synth(args.out_dir, opts, progress=not args.quiet)
+    print(f"wrote synthetic {task} MMKG to {args.out_dir}: {summary}")
+    return 0
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    from snag_dist.data.stream_check import run_stream_check
+
+    return run_stream_check(args.shards_dir, epochs=args.epochs, workers=args.workers,
+                            batch_size=args.batch_size, seed=args.seed, out_json=args.out_json)
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="raw dataset -> WebDataset shards + manifest")
+    p.add_argument("dataset_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--shard-size", type=int, default=16384, help="entities per entity shard")
+    p.add_argument("--block-size", type=int, default=8192, help="triples/links per block sample")
+    p.add_argument("--min-shards", type=int, default=4, help="at least this many shards per split (ranks x workers)")
+    p.add_argument("--relation-topk", type=int, default=1000, help="relation-bag size (0 = no relation modality)")
+    p.add_argument("--text", default="none", help="name features: none | minilm | chargram")
+    p.add_argument("--dtype", default="float16", help="storage dtype of dense features (float16|float32)")
+    p.add_argument("--train-ratio", type=float, default=0.3, help="alignment: share of links for training")
+    p.add_argument("--valid-ratio", type=float, default=0.1, help="alignment: share of training links for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-pickle", action="store_true", help="accept .pkl feature files (they can run code)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=_cmd_prepare)
+
+
+def _add_data_verbs(sub) -> None:
+    v = sub.add_parser("verify", help="check every shard against the manifest (sha256, counts)")
+    v.add_argument("shards_dir")
+    v.add_argument("--fast", action="store_true", help="size + sha256 only, skip counting samples")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(fn=_cmd_verify)
+    s = sub.add_parser("synth", help="write a synthetic MMKG in the raw dataset format")
+    s.add_argument("out_dir")
+    s.add_argument("--entities", type=int, required=True)
+    s.add_argument("--triples", type=int, required=True)
+    s.add_argument("--task", default="mkgc", choices=["mmea", "mkgc", "alignment", "completion"])
+    s.add_argument("--relations", type=int, default=200)
+    s.add_argument("--modalities", default="", help="e.g. image:256:0.7,name:384:1.0,attribute:128:0.9")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_synth)
+    st = sub.add_parser("stream", help="stream every shard once per epoch on this rank (run under torchrun)")
+    st.add_argument("shards_dir")
+    st.add_argument("--epochs", type=int, default=1)
+    st.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    st.add_argument("--batch-size", type=int, default=1024)
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--out-json", default="", help="rank 0 writes the gathered report here")
+    st.set_defaults(fn=_cmd_stream)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snag-dist", description="Distributed SNAG trainer for multi-modal KGs")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    _add_prepare(sub)
+    _add_data_verbs(sub)
+    for register in _extra_verbs():
+        register(sub)
+    return parser
+
+
+def _extra_verbs() -> list[Callable]:
+    """Verbs that live with their subsystem (training, evaluation, export, tuning)."""
+    from snag_dist import cli_train
+
+    return cli_train.REGISTER
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu") if not _has_cuda_hint() else None
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except SnagError as exc:
+        print(f"snag-dist {args.verb}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"snag-dist {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _has_cuda_hint() -> bool:
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

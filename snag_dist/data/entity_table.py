@@ -1,0 +1,140 @@
+"""Per-entity modality columns for ``prepare``, produced one id range at a time.
+
+Columns come from feature files (dense), from the triples (``relation``: a bag of the top-k
+relation types an entity takes part in, as head or tail — the reference's relation feature) and
+from names (``name``: text embeddings). Running sums give each modality's per-dimension mean/std
+over the entities that have it (what GMNM's noise is drawn from).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from snag_dist.data.readers.source import SourceDataset
+from snag_dist.data.text import NameEncoder
+
+
+@dataclass
+class Bag:
+    """CSR bag-of-ids per entity: row e has columns indices[indptr[e]:indptr[e+1]] with values."""
+
+    indptr: np.ndarray  # (N+1,) int64
+    indices: np.ndarray  # (nnz,) int32
+    values: np.ndarray  # (nnz,) float32
+    dim: int
+
+    def chunk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Local CSR (indptr from 0, indices, values) of entities [start, stop)."""
+        a, b = self.indptr[start], self.indptr[stop]
+        return self.indptr[start:stop + 1] - a, self.indices[a:b], self.values[a:b]
+
+
+def relation_bag(ds: SourceDataset, topk: int, split: str = "train") -> Bag:
+    """Bag of the ``topk`` most frequent relations per entity, counted over ``split`` triples."""
+    freq = np.zeros(ds.num_relations, dtype=np.int64)
+    for block in ds.iter_triples(split):
+        freq += np.bincount(block[:, 1], minlength=ds.num_relations)
+    # Stable order: by count desc, then id — the same column layout every time.
+    top = np.lexsort((np.arange(ds.num_relations), -freq))[: min(topk, ds.num_relations)]
+    top = top[freq[top] > 0]
+    column = np.full(ds.num_relations, -1, dtype=np.int64)
+    column[top] = np.arange(len(top))
+    keys = []
+    for block in ds.iter_triples(split):
+        col = column[block[:, 1]]
+        keep = col >= 0
+        k = len(top)
+        keys.append(np.concatenate([block[keep, 0] * k + col[keep], block[keep, 2] * k + col[keep]]))
+    flat = np.concatenate(keys) if keys else np.zeros(0, dtype=np.int64)
+    uniq, counts = np.unique(flat, return_counts=True)
+    del flat, keys
+    k = max(len(top), 1)
+    ents = uniq // k
+    indptr = np.zeros(ds.num_entities + 1, dtype=np.int64)
+    np.cumsum(np.bincount(ents, minlength=ds.num_entities), out=indptr[1:])
+    return Bag(indptr, (uniq % k).astype(np.int32), counts.astype(np.float32), dim=len(top))
+
+
+class Moments:
+    """Running per-dimension sum / sum of squares over the entities that have a modality."""
+
+    def __init__(self, dim: int) -> None:
+        self.n = 0
+        self.s = np.zeros(dim, dtype=np.float64)
+        self.ss = np.zeros(dim, dtype=np.float64)
+
+    def add_dense(self, x: np.ndarray) -> None:
+        x64 = x.astype(np.float64)
+        self.n += len(x)
+        self.s += x64.sum(0)
+        self.ss += (x64 * x64).sum(0)
+
+    def add_bag(self, indptr: np.ndarray, idx: np.ndarray, val: np.ndarray) -> None:
+        dim = len(self.s)
+        self.n += int((np.diff(indptr) > 0).sum())
+        val64 = val.astype(np.float64)
+        self.s += np.bincount(idx, weights=val64, minlength=dim)
+        self.ss += np.bincount(idx, weights=val64 * val64, minlength=dim)
+
+    def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        n = max(self.n, 1)
+        mean = self.s / n
+        var = np.maximum(self.ss / n - mean * mean, 0.0)
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+@dataclass
+class ModalityColumn:
+    name: str
+    kind: str  # dense | bag
+    dim: int
+    dtype: str  # storage dtype
+    source: str
+
+
+class EntityTable:
+    """All modalities of a dataset, readable by id range."""
+
+    def __init__(self, ds: SourceDataset, relation_topk: int, text: str, dtype: str = "float16") -> None:
+        self.ds = ds
+        self.columns: list[ModalityColumn] = []
+        self.bags: dict[str, Bag] = {}
+        if relation_topk > 0:
+            bag = relation_bag(ds, relation_topk)
+            if bag.dim > 0:
+                self.bags["relation"] = bag
+                self.columns.append(ModalityColumn("relation", "bag", bag.dim, "float32", "triples"))
+        for name, feat in ds.features.items():
+            if name in ("relation", "structure"):
+                continue
+            self.columns.append(ModalityColumn(name, "dense", feat.dim, dtype, feat.path.name))
+        self.encoder = None
+        if text != "none" and ds.names is not None and "name" not in ds.features:
+            self.encoder = NameEncoder(text)
+            self.columns.append(ModalityColumn("name", "dense", self.encoder.dim, dtype, f"names:{text}"))
+        self.moments = {c.name: Moments(c.dim) for c in self.columns}
+
+    def chunk(self, start: int, stop: int) -> tuple[dict[str, object], np.ndarray]:
+        """(columns, mask) for entities [start, stop): dense -> (n, D) array, bag -> local CSR triple."""
+        n = stop - start
+        mask = np.zeros((n, len(self.columns)), dtype=np.uint8)
+        out: dict[str, object] = {}
+        for j, col in enumerate(self.columns):
+            if col.kind == "bag":
+                csr = self.bags[col.name].chunk(start, stop)
+                mask[:, j] = np.diff(csr[0]) > 0
+                self.moments[col.name].add_bag(*csr)
+                out[col.name] = csr
+                continue
+            if col.name == "name" and self.encoder is not None:
+                values = self.encoder.encode(self.ds.names[start:stop])
+                present = np.array([bool(s) for s in self.ds.names[start:stop]])
+            else:
+                values, present = self.ds.features[col.name].rows(start, stop)
+            values = np.where(present[:, None], values, 0.0).astype(col.dtype)
+            mask[:, j] = present
+            self.moments[col.name].add_dense(values[present].astype(np.float32))
+            out[col.name] = values
+        return out, mask

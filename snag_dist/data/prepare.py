@@ -1,0 +1,236 @@
+"""``snag-dist prepare``: a raw dataset -> verified WebDataset shards + manifest, written once.
+
+Out of core: entities are read and written one shard-sized id range at a time, triples block by
+block. Everything goes to a temp directory beside OUT_DIR that is renamed at the end, so a failed
+or interrupted prepare never leaves an OUT_DIR behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import math
+import os
+import re
+import shutil
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from safetensors.numpy import save_file
+
+from snag_dist import __version__
+from snag_dist.data.entity_table import EntityTable
+from snag_dist.data.manifest import (
+    MANIFEST,
+    STATS,
+    Manifest,
+    ModalityInfo,
+    ShardInfo,
+    sha256_file,
+    write_json_atomic,
+)
+from snag_dist.data.readers import SourceDataset, read_dataset
+from snag_dist.data.records import Column, EntityLayout
+from snag_dist.data.text import TEXT_ENCODERS
+from snag_dist.errors import ConfigError, DataError
+
+_MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    shard_size: int = 16384  # entities per entity shard
+    block_size: int = 8192  # triples / links per sample
+    min_shards: int = 4  # every split gets at least this many shards (ranks x workers) when it can
+    relation_topk: int = 1000  # relation-bag modality size (0 = no relation modality)
+    text: str = "none"  # name embeddings: none | minilm | chargram
+    dtype: str = "float16"  # storage dtype of dense features
+    train_ratio: float = 0.3  # alignment: share of gold links used for training (when not predefined)
+    valid_ratio: float = 0.1  # alignment: share of the training links held out for validation
+    seed: int = 0
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+    def validate(self) -> None:
+        checks = [
+            ("shard_size", self.shard_size >= 1), ("block_size", self.block_size >= 1),
+            ("min_shards", self.min_shards >= 1), ("relation_topk", self.relation_topk >= 0),
+            ("text", self.text in TEXT_ENCODERS), ("dtype", self.dtype in ("float16", "float32")),
+            ("train_ratio", 0.0 < self.train_ratio <= 1.0), ("valid_ratio", 0.0 <= self.valid_ratio < 1.0),
+        ]
+        for key, ok in checks:
+            if not ok:
+                raise ConfigError(f"prepare option --{key.replace('_', '-')}: bad value {getattr(self, key)!r}")
+
+
+class ShardSink:
+    """Writes numbered tar shards of one group and records their ShardInfo."""
+
+    def __init__(self, root: Path, group: str, prefix: str) -> None:
+        self.root, self.group, self.prefix = root, group, prefix
+        self.infos: list[ShardInfo] = []
+        (root / Path(prefix).parent).mkdir(parents=True, exist_ok=True)
+
+    def write(self, samples: Iterator[dict], rows: int, first_id: int = -1, last_id: int = -1) -> None:
+        rel = f"{self.prefix}-{len(self.infos):06d}.tar"
+        path = self.root / rel
+        count = 0
+        # USTAR + fixed mtime: no per-member PAX header (2x faster) and byte-identical reruns.
+        with wds.TarWriter(str(path), encoder=False, mtime=0, format=tarfile.USTAR_FORMAT) as sink:
+            for sample in samples:
+                sink.write(sample)
+                count += 1
+        self.infos.append(ShardInfo(rel, count, path.stat().st_size, sha256_file(path), rows, first_id, last_id))
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _entity_samples(table: EntityTable, layout: EntityLayout, start: int, stop: int) -> Iterator[dict]:
+    cols, mask = table.chunk(start, stop)
+    kg = table.ds.kg[start:stop].tolist()
+    for i in range(stop - start):
+        parts = {}
+        for col in table.columns:
+            if col.kind == "bag":
+                ptr, idx, val = cols[col.name]
+                parts[col.name] = (idx[ptr[i]:ptr[i + 1]], val[ptr[i]:ptr[i + 1]])
+            else:
+                parts[col.name] = cols[col.name][i]
+        yield {"__key__": f"{start + i:010d}", "rec": layout.encode(kg[i], mask[i], parts)}
+
+
+def _write_entities(table: EntityTable, out: Path, opts: PrepareOptions, progress) -> ShardSink:
+    n = table.ds.num_entities
+    size = max(1, min(opts.shard_size, math.ceil(n / opts.min_shards)))
+    sink = ShardSink(out, "entities", "entities/entities")
+    layout = EntityLayout(tuple(Column(c.name, c.kind, c.dim, np.dtype(c.dtype)) for c in table.columns))
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        sink.write(_entity_samples(table, layout, start, stop), stop - start, start, stop - 1)
+        progress(stop - start)
+    return sink
+
+
+def _reblock(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    pending: list[np.ndarray] = []
+    held = 0
+    for block in blocks:
+        pending.append(block)
+        held += len(block)
+        while held >= size:
+            joined = np.concatenate(pending)
+            yield joined[:size]
+            pending, held = [joined[size:]], held - size
+    if held:
+        yield np.concatenate(pending)
+
+
+def _write_rows(out: Path, group: str, blocks: Iterator[np.ndarray], total: int, member: str,
+                opts: PrepareOptions) -> ShardSink:
+    """Blocks of rows -> shards; sized so a split of ``total`` rows gets >= min_shards shards."""
+    per_shard = max(1, math.ceil(total / opts.min_shards))
+    block = max(1, min(opts.block_size, per_shard))
+    blocks_per_shard = max(1, per_shard // block)
+    sink = ShardSink(out, group, group)
+    stream = _reblock(blocks, block)
+    index = 0
+    while True:
+        batch = [b for _, b in zip(range(blocks_per_shard), stream)]
+        if not batch:
+            break
+        samples = ({"__key__": f"block{index + j:08d}", member: _npy_bytes(b)} for j, b in enumerate(batch))
+        sink.write(samples, sum(len(b) for b in batch))
+        index += len(batch)
+    return sink
+
+
+def _count_rows(ds: SourceDataset, split: str) -> int:
+    return sum(len(b) for b in ds.iter_triples(split))
+
+
+def _modalities(table: EntityTable, n: int, out: Path) -> tuple[dict[str, ModalityInfo], dict[str, np.ndarray]]:
+    infos, stats = {}, {}
+    for col in table.columns:
+        mom = table.moments[col.name]
+        mean, std = mom.mean_std()
+        stats[f"{col.name}.mean"], stats[f"{col.name}.std"] = mean, std
+        infos[col.name] = ModalityInfo(col.kind, col.dim, col.dtype, mom.n / max(n, 1),
+                                       float(mean.mean()), float(std.mean()), col.source)
+    save_file(stats, str(out / STATS))
+    return infos, stats
+
+
+def _check_modality_names(ds: SourceDataset) -> None:
+    for name, feat in ds.features.items():
+        if not _MODALITY_NAME.match(name):
+            raise DataError(f"{feat.path}: modality name '{name}' must match [a-z][a-z0-9_]*")
+
+
+def _write_all(ds: SourceDataset, out: Path, opts: PrepareOptions, progress) -> Manifest:
+    table = EntityTable(ds, opts.relation_topk, opts.text, opts.dtype)
+    shards = {"entities": _write_entities(table, out, opts, progress).infos}
+    counts: dict = {"entities": ds.num_entities, "relations": ds.num_relations,
+                    "kgs": int(ds.kg.max()) + 1, "triples": {}, "links": {}}
+    for split in ds.splits():
+        total = _count_rows(ds, split)
+        if total == 0:
+            raise DataError(f"{ds.root}: empty '{split}' triple split")
+        counts["triples"][split] = total
+        shards[f"triples/{split}"] = _write_rows(out, f"triples/{split}", ds.iter_triples(split), total,
+                                                 "hrt.npy", opts).infos
+    for split, pairs in ds.links.items():
+        counts["links"][split] = len(pairs)
+        if len(pairs):
+            shards[f"links/{split}"] = _write_rows(out, f"links/{split}", iter([pairs]), len(pairs),
+                                                   "pairs.npy", opts).infos
+    modalities, _ = _modalities(table, ds.num_entities, out)
+    return Manifest(
+        task=ds.task, name=ds.root.name, counts=counts, modalities=modalities, shards=shards,
+        sources={str(p.relative_to(ds.root)): sha256_file(p) for p in ds.source_files},
+        options={**asdict(opts), "source": str(ds.root.resolve()), "snag_dist": __version__},
+        stats_sha256=sha256_file(out / STATS),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        relation_names=ds.relation_names,
+    )
+
+
+def prepare(dataset_dir: str | Path, out_dir: str | Path, opts: PrepareOptions = PrepareOptions(),
+            show_progress: bool = True) -> Manifest:
+    """Read ``dataset_dir``, write shards + manifest to ``out_dir`` atomically; return the manifest."""
+    opts.validate()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not opts.overwrite:
+        raise DataError(f"output directory {out} exists and is not empty (use --overwrite)")
+    ds = read_dataset(dataset_dir, opts.allow_pickle, opts.train_ratio, opts.valid_ratio, opts.seed)
+    _check_modality_names(ds)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=ds.num_entities, unit="ent", desc="prepare", disable=not show_progress)
+    try:
+        manifest = _write_all(ds, tmp, opts, bar.update)
+        write_json_atomic(tmp / MANIFEST, manifest.to_json())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return manifest
