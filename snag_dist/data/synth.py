@@ -34,7 +34,8 @@ TRIPLE_CHUNK = 1 << 19  # triples generated (and de-duplicated) per chunk
 ROW_CHUNK = 1 << 17  # entity rows per chunk for id files and latents
 FEATURE_CHUNK_ELEMS = 1 << 22  # floats per feature chunk (16 MiB as float32)
 LATENT_DIM = 16
-ENTITY_EXPONENT = 0.8  # power-law exponent of entity popularity; top 1% hold ~35% of edge ends at 1M
+MAX_CLUSTERS = 128  # clusters per KG: n // 64, capped
+ENTITY_EXPONENT = 0.8  # popularity power law; 1M entities x 5M triples: top 1% hold ~30% of edge ends
 RELATION_EXPONENT = 1.0
 STRUCTURED_SHARE = 0.7  # edges whose far end follows the relation's cluster map (rest: global hubs)
 KG2_KEEP = 0.9  # share of KG1 edges between linked entities that KG2 keeps
@@ -57,7 +58,9 @@ class ModalityOption:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name) or self.name == "relation":
-            raise ConfigError(f"bad modality name '{self.name}' (letters, digits, _ or -; 'relation' is derived)")
+            raise ConfigError(
+                f"bad modality name '{self.name}' (letters, digits, _ or -; 'relation' is derived by prepare)"
+            )
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
             raise ConfigError(f"modality '{self.name}': dim must be a positive integer, got {self.dim!r}")
         if not 0.0 <= self.coverage <= 1.0:
@@ -87,10 +90,10 @@ class SynthOptions:
     test_ratio: float = 0.05  # mkgc: share of triples in test.txt
 
     def __post_init__(self) -> None:
-        for field in ("entities", "triples", "relations"):
+        for field, least in (("entities", 2), ("triples", 1), ("relations", 1)):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if field == "entities" else 1):
-                raise ConfigError(f"synth {field} must be an integer >= {2 if field == 'entities' else 1}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"synth {field} must be an integer >= {least}, got {value!r}")
         if self.task not in ("mmea", "mkgc"):
             raise ConfigError(f"unknown synth task '{self.task}' (known: mkgc, mmea)")
         try:
@@ -118,7 +121,8 @@ def parse_modalities(spec: str) -> tuple[ModalityOption, ...]:
         try:
             if len(fields) not in (2, 3):
                 raise ValueError
-            out.append(ModalityOption(fields[0], int(fields[1]), float(fields[2]) if len(fields) == 3 else 1.0))
+            coverage = float(fields[2]) if len(fields) == 3 else 1.0
+            out.append(ModalityOption(fields[0], int(fields[1]), coverage))
         except ValueError:
             raise ConfigError(f"bad modality '{item}': expected name:dim[:coverage], e.g. image:256:0.7") from None
     if not out:
@@ -166,12 +170,13 @@ class _Graph:
 
 
 def _build_graph(rng: np.random.Generator, n: int, relations: int) -> _Graph:
-    clusters = max(1, min(128, n // 64))
+    clusters = max(1, min(MAX_CLUSTERS, n // 64))
     rank_to_ent = rng.permutation(n)
     ent_to_rank = np.empty(n, dtype=np.int64)
     ent_to_rank[rank_to_ent] = np.arange(n)
     fwd = np.argsort(rng.random((relations, clusters)), axis=1)
-    return _Graph(n, relations, rank_to_ent, ent_to_rank, rng.permutation(relations), fwd, np.argsort(fwd, axis=1))
+    rel_of_rank = rng.permutation(relations)
+    return _Graph(n, relations, rank_to_ent, ent_to_rank, rel_of_rank, fwd, np.argsort(fwd, axis=1))
 
 
 def _row_keys(tri: np.ndarray, n: int, relations: int) -> np.ndarray:
@@ -188,7 +193,8 @@ def _first_unique(keys: np.ndarray) -> np.ndarray:
     return first
 
 
-def _edges(rng: np.random.Generator, g: _Graph, anchor_rank: np.ndarray, anchor_is_head: np.ndarray) -> np.ndarray:
+def _edges(rng: np.random.Generator, g: _Graph, anchor_rank: np.ndarray, anchor_is_head: np.ndarray,
+           ) -> np.ndarray:
     """(m, 3) (head, relation, tail) local ids, one edge per anchor; self loops and repeats dropped."""
     m = len(anchor_rank)
     rel = g.rel_of_rank[_power_ranks(rng, g.relations, m, RELATION_EXPONENT)]
@@ -200,7 +206,8 @@ def _edges(rng: np.random.Generator, g: _Graph, anchor_rank: np.ndarray, anchor_
     hub = _power_ranks(rng, g.n, m, ENTITY_EXPONENT)
     far = g.rank_to_ent[np.where(rng.random(m) < STRUCTURED_SHARE, structured, hub)]
     anchor = g.rank_to_ent[anchor_rank]
-    tri = np.stack([np.where(anchor_is_head, anchor, far), rel, np.where(anchor_is_head, far, anchor)], axis=1)
+    head, tail = np.where(anchor_is_head, anchor, far), np.where(anchor_is_head, far, anchor)
+    tri = np.stack([head, rel, tail], axis=1)
     tri = tri[tri[:, 0] != tri[:, 2]]
     return tri[_first_unique(_row_keys(tri, g.n, g.relations))]
 
@@ -255,7 +262,6 @@ def _write_triples(fh: BinaryIO, tri: np.ndarray) -> None:
     fh.write(_format_rows([tri[:, 0], b"\t", tri[:, 1], b"\t", tri[:, 2]]))
 
 
-
 def _write_id_files(tmp: Path, n: int, relations: int) -> None:
     _write_rows(tmp / "entities.txt", n, lambda ids: [ids])
     _write_rows(tmp / "relations.txt", relations, lambda ids: [ids])
@@ -272,10 +278,12 @@ def _eval_rows(held: np.ndarray, train_keys: list[np.ndarray], seen_ent: np.ndar
     n = len(seen_ent)
     held = held[_first_unique(_row_keys(held, n, relations))]
     keys = _row_keys(held, n, relations)
+    order = np.argsort(keys)  # sorted queries make the searches below cache-friendly
+    keys = keys[order]
     in_train = np.zeros(len(held), dtype=bool)
     for chunk_keys in (k for k in train_keys if len(k)):
         pos = np.minimum(np.searchsorted(chunk_keys, keys), len(chunk_keys) - 1)
-        in_train |= chunk_keys[pos] == keys
+        in_train[order] |= chunk_keys[pos] == keys
     held = held[~in_train]
     closed = seen_ent[held[:, 0]] & seen_ent[held[:, 2]] & seen_rel[held[:, 1]]
     return held[closed], held[~closed, :3]
@@ -320,6 +328,12 @@ def _write_mkgc(tmp: Path, opts: SynthOptions, say: Callable[[str], None]) -> tu
     return counts, [_Segment(0, g)]
 
 
+def _write_uris(path: Path, n: int, id_offset: int, uri_prefix: str, uri_offset: int) -> None:
+    """Lines ``id<TAB>uri_prefix<number>`` for ids id_offset.. and numbers uri_offset..."""
+    prefix = f"\t{uri_prefix}".encode()
+    _write_rows(path, n, lambda i: [i + id_offset, prefix, i + uri_offset])
+
+
 def _write_links(tmp: Path, opts: SynthOptions) -> np.ndarray:
     """Gold 1:1 links between random KG1 and KG2 entities -> (KG2 local,) partner KG1 id or -1."""
     n1, n2 = opts.entities // 2, opts.entities - opts.entities // 2
@@ -338,8 +352,8 @@ def _write_mmea(tmp: Path, opts: SynthOptions, say: Callable[[str], None]) -> tu
     n1, nrel, seed = opts.entities // 2, opts.relations, opts.seed
     n2 = opts.entities - n1
     for kg, offset, n in ((1, 0, n1), (2, n1, n2)):
-        _write_rows(tmp / f"ent_ids_{kg}", n, lambda i, o=offset, k=kg: [i + o, f"\thttp://kg{k}.synth/resource/E".encode(), i + o])
-        _write_rows(tmp / f"rel_ids_{kg}", nrel, lambda i, k=kg: [i + (k - 1) * nrel, f"\thttp://kg{k}.synth/property/P".encode(), i])
+        _write_uris(tmp / f"ent_ids_{kg}", n, offset, f"http://kg{kg}.synth/resource/E", offset)
+        _write_uris(tmp / f"rel_ids_{kg}", nrel, (kg - 1) * nrel, f"http://kg{kg}.synth/property/P", 0)
     partner = _write_links(tmp, opts)
     to_kg2 = np.full(n1, -1, dtype=np.int64)
     to_kg2[partner[partner >= 0]] = np.flatnonzero(partner >= 0)
@@ -370,11 +384,13 @@ def _write_mmea(tmp: Path, opts: SynthOptions, say: Callable[[str], None]) -> tu
 
 def _write_latent(path: Path, seed: int, segments: list[_Segment]) -> None:
     """(N, LATENT_DIM) float32 rows, raw: cluster centroid + individual part, or a partner's + noise."""
-    centroids = _rng(seed, _LATENT).standard_normal((128, LATENT_DIM), dtype=np.float32)
+    centroids = _rng(seed, _LATENT).standard_normal((MAX_CLUSTERS, LATENT_DIM), dtype=np.float32)
     with open(path, "wb") as fh:
         for s, seg in enumerate(segments):
             fh.flush()
-            earlier = np.memmap(path, dtype=np.float32, mode="r", shape=(seg.offset, LATENT_DIM)) if seg.offset else None
+            earlier = None  # latents of the segments before this one, for partner lookups
+            if seg.offset:
+                earlier = np.memmap(path, dtype=np.float32, mode="r", shape=(seg.offset, LATENT_DIM))
             for k, start in enumerate(range(0, seg.graph.n, ROW_CHUNK)):
                 rng = _rng(seed, _LATENT, s, k)
                 ids = np.arange(start, min(seg.graph.n, start + ROW_CHUNK))
@@ -393,7 +409,8 @@ def _npy_header(fh: BinaryIO, shape: tuple[int, ...], dtype) -> None:
     np.lib.format.write_array_header_1_0(fh, header)
 
 
-def _write_features(folder: Path, opts: SynthOptions, latent: Path, say: Callable[[str], None]) -> dict[str, int]:
+def _write_features(folder: Path, opts: SynthOptions, latent: Path, say: Callable[[str], None],
+                    ) -> dict[str, int]:
     """features/<m>.npy and <m>.present.npy, streamed.
 
     Written through a file handle, not ``open_memmap``: every page a process writes through a
@@ -408,7 +425,8 @@ def _write_features(folder: Path, opts: SynthOptions, latent: Path, say: Callabl
         proj = _rng(opts.seed, _PROJ, i).standard_normal((LATENT_DIM, mod.dim), dtype=np.float32)
         proj *= scale / np.sqrt(LATENT_DIM)
         rows, present[mod.name] = max(1, FEATURE_CHUNK_ELEMS // mod.dim), 0
-        with open(folder / f"{mod.name}.npy", "wb") as feat, open(folder / f"{mod.name}.present.npy", "wb") as has_fh:
+        feat_path, has_path = folder / f"{mod.name}.npy", folder / f"{mod.name}.present.npy"
+        with open(feat_path, "wb") as feat, open(has_path, "wb") as has_fh:
             _npy_header(feat, (n, mod.dim), opts.dtype)
             _npy_header(has_fh, (n,), np.uint8)
             for k, start in enumerate(range(0, n, rows)):

@@ -13,7 +13,7 @@ E entities, M modality tokens, H hidden.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -170,9 +170,15 @@ class SNAG(MultiModalModel):
         return cols
 
 
-def build_noise(noise_cfg: NoiseConfig, spec: ModelSpec, modalities: list[str], hidden: int) -> GaussModalityNoise:
-    """GMNM over the used modalities; structure stats start as a placeholder (set from the weights)."""
-    check_overrides(noise_cfg, [STRUCTURE, *spec.names])
+def build_noise(
+    noise_cfg: NoiseConfig, spec: ModelSpec, modalities: list[str], hidden: int, also_known: Iterable[str] = ()
+) -> GaussModalityNoise:
+    """GMNM over the used modalities; structure stats start as a placeholder (set from the weights).
+
+    Overrides may name any modality of the data or of `also_known` (the configured modalities, which
+    a dataset may lack); anything else is a typo.
+    """
+    check_overrides(noise_cfg, [STRUCTURE, *spec.names, *also_known])
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     missing: list[str] = []
     for name in modalities:
@@ -197,5 +203,7 @@ def build_noise(noise_cfg: NoiseConfig, spec: ModelSpec, modalities: list[str], 
 def build_snag(model_cfg: ModelConfig, noise_cfg: NoiseConfig | None, spec: ModelSpec) -> SNAG:
     """SNAG from its configs and the data spec (noise_cfg None: no GMNM module at all)."""
     modalities = select_modalities(model_cfg, spec)
-    noise = None if noise_cfg is None else build_noise(noise_cfg, spec, modalities, model_cfg.hidden)
+    noise = None
+    if noise_cfg is not None:
+        noise = build_noise(noise_cfg, spec, modalities, model_cfg.hidden, also_known=model_cfg.modalities)
     return SNAG(model_cfg, spec, noise)

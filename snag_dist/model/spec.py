@@ -15,9 +15,12 @@ from snag_dist.errors import ConfigError
 STRUCTURE = "structure"  # the learned modality; every other modality is a feature modality
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModalitySpec:
-    """One dense feature modality (relation, attribute, image, name, ...)."""
+    """One dense feature modality (relation, attribute, image, name, ...).
+
+    Equality is spelled out because the generated one would call bool() on element-wise tensor ==.
+    """
 
     name: str
     dim: int  # D, input feature size
@@ -32,6 +35,17 @@ class ModalitySpec:
         for what, t in (("mean", self.mean), ("std", self.std)):
             if t is not None and tuple(t.shape) != (self.dim,):
                 raise ConfigError(f"modality '{self.name}' {what} has shape {tuple(t.shape)}, want ({self.dim},)")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ModalitySpec):
+            return NotImplemented
+        return (self.name, self.dim) == (other.name, other.dim) and all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in ((self.mean, other.mean), (self.std, other.std))
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.dim))
 
 
 @dataclass(frozen=True)

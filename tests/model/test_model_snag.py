@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from model_helpers import make_cfg, make_spec, make_toy
 
-from snag_dist.config.schema import NoiseConfig
+from snag_dist.config.schema import ModalityNoise, NoiseConfig
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.model import ENCODERS, SNAG, build_snag
 
@@ -145,6 +145,17 @@ def test_subgraph_of_entities():
     feats = {k: v[ids] for k, v in toy.features.items()}
     out = model(ids, feats, toy.present[ids], local_edges)
     assert out.joint.shape == (4, 64)
+
+
+def test_noise_overrides_may_name_configured_modalities_the_data_lacks():
+    over = {"name": ModalityNoise(noise_ratio=0.1)}  # 'name' is configured but not in this data
+    assert build_snag(make_cfg(), NoiseConfig(per_modality=over), make_spec()).modalities[0] == "structure"
+    with pytest.raises(ConfigError, match="unknown modality"):
+        build_snag(make_cfg(), NoiseConfig(per_modality={"nmae": ModalityNoise()}), make_spec())
+
+
+def test_specs_compare_by_value():
+    assert make_spec() == make_spec() and make_spec() != make_spec(with_stats=False)
 
 
 def test_no_weight_decay_names():
