@@ -1,7 +1,59 @@
-"""Registration of the training-side verbs (train, eval, export, tune) on the CLI parser."""
+"""Training-side verbs: train, eval (export and tune register here too)."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
-REGISTER: list[Callable] = []
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from snag_dist.config import load_config
+    from snag_dist.engine.run import train
+    from snag_dist.report import print_rows
+
+    overrides = list(args.set or [])
+    if args.shards:
+        overrides.append(f"data.shards={args.shards}")
+    cfg = load_config(args.config, overrides)
+    summary = train(cfg, args.out, resume=args.resume == "auto", progress=not args.quiet)
+    rows = [("best epoch (valid)", str(summary["best_epoch"])), ("best valid", f"{summary['best_valid']:.4f}")]
+    for phase, metrics in summary["test"].items():
+        rows += [(f"test {phase} {k}", f"{v:.4f}") for k, v in metrics.items()
+                 if k in ("hits@1", "hits@3", "hits@10", "mrr")]
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_rows(f"{cfg.name}: {args.out}", rows)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from snag_dist.engine.run import evaluate_run
+    from snag_dist.report import print_rows
+
+    results = evaluate_run(args.run_dir, tuple(args.splits.split(",")), args.set)
+    rows = [(f"{split} {k}", f"{v:.4f}") for split, m in results.items() for k, v in m.items()]
+    print_rows(f"eval {args.run_dir}", rows)
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train SNAG on prepared shards")
+    p.add_argument("--config", required=True, help="YAML file or preset name (e.g. quickstart, dbp15k_fr_en)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--shards", default="", help="shortcut for --set data.shards=DIR")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. train.lr=1e-4")
+    p.add_argument("--resume", choices=["auto", "never"], default="never", help="auto: continue from the last checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=_cmd_train)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a run's best checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--splits", default="valid,test")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(fn=_cmd_eval)
+
+
+REGISTER: list[Callable] = [_add_train, _add_eval]

@@ -402,13 +402,13 @@ def mutual_nearest_pairs(emb: Tensor, left_ids: Tensor, right_ids: Tensor, k: in
 
 
 def csls_topk(src: Tensor, tgt: Tensor, k: int, chunk: int, topn: int) -> TopK:
-    """The topn best targets (by full CSLS score) for every source row, chunk rows at a time."""
+    """The topn best targets for every source row by full CSLS score (cosine when k = 0)."""
     p = _problem(src, tgt, k, chunk, "optimistic")
     t = min(topn, p.tgt_n.shape[0])
     values, indices = [], []
     for a, b in _spans(0, p.src_n.shape[0], chunk):
         cos_cm = _cos_into(p, (a, b), (0, p.tgt_n.shape[0]))
-        score_cm = 2.0 * cos_cm - p.hub.r_tgt_n[a:b].unsqueeze(1) - p.hub.r_src_m
+        score_cm = cos_cm if k == 0 else 2.0 * cos_cm - p.hub.r_tgt_n[a:b].unsqueeze(1) - p.hub.r_src_m
         top = score_cm.topk(t, dim=1)
         values.append(top.values)
         indices.append(top.indices)

@@ -31,6 +31,10 @@ ENCODERS: Registry[EncoderBuilder] = Registry("encoder")
 class ModalityEncoder(nn.Module):
     """The encoder protocol; `name` is the modality it encodes."""
 
+    # True when outputs depend on neighbours (a GNN): it must see the whole given subgraph, and
+    # outputs are selected afterwards; other encoders only run on the rows that are asked for.
+    uses_graph: bool = False
+
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
@@ -75,6 +79,7 @@ class StructureEncoder(ModalityEncoder):
         # Reference init: N(0, 1/sqrt(num_entities)), small so the GAT starts near averaging.
         nn.init.normal_(self.embedding.weight, std=1.0 / math.sqrt(num_entities))
         self.gat = gat
+        self.uses_graph = gat is not None
 
     def inputs(self, entity_ids: torch.Tensor, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.embedding(entity_ids)

@@ -73,15 +73,26 @@ class MultiModalModel(nn.Module):
         return {n for n, _ in self.named_parameters() if n.endswith("bias") or n.endswith("global_weights")}
 
     def encode_modalities(
-        self, entity_ids: torch.Tensor, features: Mapping[str, torch.Tensor], edge_index: torch.Tensor | None
+        self, entity_ids: torch.Tensor, features: Mapping[str, torch.Tensor], edge_index: torch.Tensor | None,
+        out_index: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """(E, H) per modality: encoder inputs, GMNM (training only), encoder."""
+        """(O, H) per modality: encoder inputs, GMNM (training only), encoder.
+
+        ``out_index`` (O,) selects the rows wanted as outputs (default: all E). Graph encoders still
+        run over all E given entities (their neighbourhood); the others only over the O rows — a
+        training step over a 3,500-pair batch then projects/fuses 7,000 entities, not the graph.
+        """
         emb: dict[str, torch.Tensor] = {}
+        out_ids = entity_ids if out_index is None else entity_ids[out_index]
         for name, encoder in self.encoders.items():
             x_ED = encoder.inputs(entity_ids, features)
+            whole = encoder.uses_graph or out_index is None
+            if not whole:
+                x_ED = x_ED[out_index]
             if self.noise is not None:
-                x_ED = self.noise(name, x_ED, entity_ids)
-            emb[name] = encoder(x_ED, edge_index)
+                x_ED = self.noise(name, x_ED, entity_ids if whole else out_ids)
+            h = encoder(x_ED, edge_index)
+            emb[name] = h[out_index] if (out_index is not None and whole) else h
         sizes = {tuple(t.shape) for t in emb.values()}
         if len(sizes) != 1:
             raise ConfigError(f"modality encoders disagree on the token shape: {sizes}")
@@ -93,16 +104,22 @@ class MultiModalModel(nn.Module):
         features: Mapping[str, torch.Tensor],
         present: torch.Tensor | None = None,
         edge_index: torch.Tensor | None = None,
+        out_index: torch.Tensor | None = None,
     ) -> SnagOutput:
-        """entity_ids (E,); features name -> (E, D); present (E, M) bool in token order (None: all)."""
-        num = entity_ids.shape[0]
+        """entity_ids (E,); features name -> (E, D); present (E, M) bool in token order (None: all).
+
+        With ``out_index`` (O,), outputs are for entity_ids[out_index] only (see encode_modalities).
+        """
+        num = entity_ids.shape[0] if out_index is None else out_index.shape[0]
         m = len(self.modalities)
+        if present is not None and out_index is not None:
+            present = present[out_index]
         if present is None:
             present = torch.ones(num, m, dtype=torch.bool, device=entity_ids.device)
         if tuple(present.shape) != (num, m):
             raise DataError(f"present has shape {tuple(present.shape)}, want ({num}, {m}) in order {self.modalities}")
         present_EM = present.to(dtype=torch.bool)
-        emb = self.encode_modalities(entity_ids, features, edge_index)
+        emb = self.encode_modalities(entity_ids, features, edge_index, out_index)
         tokens_EMH = torch.stack([emb[n] for n in self.modalities], dim=1)
         fused = self.fusion(tokens_EMH, present_EM)
         global_M = F.softmax(self.global_weights, dim=0)
@@ -153,9 +170,10 @@ class SNAG(MultiModalModel):
         features: Mapping[str, torch.Tensor],
         present: torch.Tensor | None = None,
         edge_index: torch.Tensor | None = None,
+        out_index: torch.Tensor | None = None,
     ) -> SnagOutput:
         """As MultiModalModel.forward, but `present` is (E, M_spec) bool in SPEC order (None: all)."""
-        return super().forward(entity_ids, features, self.token_present(present, entity_ids), edge_index)
+        return super().forward(entity_ids, features, self.token_present(present, entity_ids), edge_index, out_index)
 
     def token_present(self, present_spec: torch.Tensor | None, entity_ids: torch.Tensor) -> torch.Tensor | None:
         """(E, M_spec) spec-order mask -> (E, M) token-order mask; structure is always present."""

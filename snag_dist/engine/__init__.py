@@ -1,0 +1,1 @@
+"""Training engine: backends (Accelerate, DeepSpeed), the loop, checkpoints. Tasks never see which backend runs."""

@@ -1,0 +1,197 @@
+"""The training loop: one loop for every task and backend (it never branches on either).
+
+A task is a ``TrainTask``: a module whose ``forward(batch)`` returns a dict of losses, batches per
+epoch, an evaluation, and its training phases (e.g. alignment's iterative phase, which restarts
+from the best weights at a lower lr). Model selection uses the validation split only; the test
+split is evaluated once per phase, on the best weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from snag_dist.config import EvalConfig, TrainConfig
+from snag_dist.engine.backend import Backend
+from snag_dist.engine.checkpoint import latest, load_checkpoint, save_checkpoint
+from snag_dist.engine.optim import build_optimizer, warmup_cosine
+from snag_dist.errors import TrainingError
+from snag_dist.logging import MetricsLogger
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    epochs: int
+    lr_scale: float = 1.0
+    reload_best: bool = False  # start from the best weights of the previous phase
+
+
+class TrainTask(Protocol):
+    module: nn.Module
+    metric: str  # validation metric to maximise
+
+    def phases(self, epochs: int) -> list[Phase]: ...
+
+    def steps_per_epoch(self) -> int: ...
+
+    def batches(self, epoch: int) -> Iterable[Any]: ...
+
+    def on_epoch_start(self, epoch: int, module: nn.Module, phase: Phase) -> None: ...
+
+    def evaluate(self, module: nn.Module, split: str) -> dict[str, float]: ...
+
+    def epoch_stats(self, module: nn.Module) -> dict[str, Any]: ...
+
+
+@dataclass
+class FitState:
+    epoch: int = 0  # next epoch to run (global over phases)
+    phase: int = 0
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_evals: int = 0
+    results: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> test metrics
+
+
+class Trainer:
+    def __init__(self, task: TrainTask, backend: Backend, train: TrainConfig, eval_cfg: EvalConfig,
+                 run_dir: Path, logger: MetricsLogger, progress: bool = True) -> None:
+        self.task, self.backend, self.cfg, self.eval_cfg = task, backend, train, eval_cfg
+        self.run_dir, self.logger, self.progress = run_dir, logger, progress and backend.is_main
+        self.ckpt = run_dir / "checkpoints"
+        self.state = FitState()
+        self.phases = task.phases(train.epochs)
+
+    # -- set-up per phase -------------------------------------------------------------------
+    def _setup_phase(self, phase: Phase, first_epoch: int, end_epoch: int) -> None:
+        module = self.backend.unwrap(self.module) if hasattr(self, "module") else self.task.module
+        optimizer = build_optimizer(module, self.cfg.lr * phase.lr_scale, self.cfg.weight_decay)
+        total = max(1, (end_epoch - first_epoch) * self.task.steps_per_epoch() // self.cfg.grad_accum)
+        scheduler = warmup_cosine(optimizer, total, self.cfg.warmup_ratio)
+        self.module, self.optimizer, self.scheduler = self.backend.setup(module, optimizer, scheduler)
+
+    def _phase_bounds(self, index: int) -> tuple[int, int]:
+        start = sum(p.epochs for p in self.phases[:index])
+        return start, start + self.phases[index].epochs
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _save(self, tag: str, with_optim: bool = True) -> None:
+        if not self.backend.is_main:
+            return
+        state = {"fit": self.state.__dict__, "scheduler": self.scheduler.state_dict()}
+        optim = self.optimizer.state_dict() if with_optim else None
+        save_checkpoint(self.ckpt, self.backend.unwrap(self.module).state_dict(), optim, state,
+                        keep_last=self.cfg.keep_last if tag.startswith("epoch_") else 0, tag=tag)
+
+    def resume(self) -> bool:
+        path = latest(self.ckpt)
+        if path is None:
+            return False
+        model, optim, state = load_checkpoint(path)
+        self.state = FitState(**state["fit"])
+        start, end = self._phase_bounds(self.state.phase)
+        self.task.module.load_state_dict(model)
+        self._setup_phase(self.phases[self.state.phase], start, end)
+        if optim is not None:
+            self.optimizer.load_state_dict(optim)
+        self.scheduler.load_state_dict(state["scheduler"])
+        return True
+
+    def _load_best(self) -> None:
+        best = self.ckpt / "best"
+        if (best / "model.safetensors").is_file():
+            model, _, _ = load_checkpoint(best)
+            self.backend.unwrap(self.module).load_state_dict(model)
+
+    # -- epochs -----------------------------------------------------------------------------
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        self.module.train()
+        sums: dict[str, float] = {}
+        steps, t0 = 0, time.perf_counter()
+        for step, batch in enumerate(self.task.batches(epoch)):
+            with self.backend.autocast():
+                losses = self.module(batch)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}; "
+                                    "lower train.lr or check the input features")
+            self.backend.backward(loss / self.cfg.grad_accum)
+            if (step + 1) % self.cfg.grad_accum == 0:
+                self.backend.step(self.optimizer, self.scheduler, self.cfg.grad_clip)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            steps += 1
+        record = {f"loss/{k}" if k != "loss" else "loss": self.backend.reduce_mean(v / max(steps, 1))
+                  for k, v in sums.items()}
+        record["seconds"] = time.perf_counter() - t0
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        return record
+
+    def _validate(self, epoch: int, phase: Phase) -> bool:
+        """Evaluate on validation; save best; return True when early stopping triggers."""
+        metrics = self.task.evaluate(self.backend.unwrap(self.module), self.eval_cfg.split)
+        value = metrics[self.task.metric]
+        self.logger.eval({"epoch": epoch, "split": self.eval_cfg.split, "phase": phase.name, **metrics})
+        if value > self.state.best:
+            self.state.best, self.state.best_epoch, self.state.bad_evals = value, epoch, 0
+            self._save("best", with_optim=False)
+        else:
+            self.state.bad_evals += 1
+        self.backend.barrier()
+        return self.cfg.patience > 0 and self.state.bad_evals >= self.cfg.patience
+
+    def _end_phase(self, phase: Phase, end: int) -> None:
+        self._load_best()
+        if self.eval_cfg.test_at_end:
+            metrics = self.task.evaluate(self.backend.unwrap(self.module), "test")
+            self.state.results[phase.name] = {**metrics, "best_epoch": self.state.best_epoch}
+            self.logger.eval({"epoch": end - 1, "split": "test", "phase": phase.name,
+                              "best_epoch": self.state.best_epoch, **metrics})
+
+    def fit(self, resume: bool = False) -> FitState:
+        resumed = resume and self.resume()
+        if not resumed:
+            self._setup_phase(self.phases[0], *self._phase_bounds(0))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.cfg.epochs, initial=self.state.epoch, desc="train", unit="ep",
+                   disable=not self.progress)
+        while self.state.phase < len(self.phases):
+            phase = self.phases[self.state.phase]
+            start, end = self._phase_bounds(self.state.phase)
+            if self.state.epoch == start and start > 0 and not resumed:
+                if phase.reload_best:
+                    self._load_best()
+                self._setup_phase(phase, start, end)
+                self.state.best, self.state.best_epoch = -math.inf, -1
+            resumed = False
+            stop = False
+            while self.state.epoch < end and not stop:
+                epoch = self.state.epoch
+                self.task.on_epoch_start(epoch, self.backend.unwrap(self.module), phase)
+                record = self._train_epoch(epoch)
+                record.update(self.task.epoch_stats(self.backend.unwrap(self.module)))
+                self.logger.train({"epoch": epoch, "phase": phase.name, **record})
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", s_per_ep=f"{record['seconds']:.2f}",
+                                best=f"{self.state.best:.4f}")
+                if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == end:
+                    stop = self._validate(epoch, phase)
+                self.state.epoch += 1
+                if self.cfg.checkpoint_every and self.state.epoch % self.cfg.checkpoint_every == 0:
+                    self._save(f"epoch_{self.state.epoch}")
+            self._end_phase(phase, end)
+            self.state.phase += 1
+            self.state.epoch = max(self.state.epoch, end)
+            self.state.bad_evals = 0
+        bar.close()
+        self._save(f"epoch_{self.state.epoch}")
+        return self.state

@@ -1,0 +1,50 @@
+"""A run is a folder: resolved config, metrics (JSONL + TensorBoard), checkpoints, plots, summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from snag_dist.config import Config, load_config, save_config
+from snag_dist.engine.backend import build_backend
+from snag_dist.engine.checkpoint import load_checkpoint
+from snag_dist.engine.loop import Trainer
+from snag_dist.errors import CheckpointError
+from snag_dist.logging import MetricsLogger
+from snag_dist.tasks.registry import TASKS
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    backend = build_backend(cfg.engine, cfg.train.grad_accum)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    task = TASKS.get(cfg.task.name)(cfg, backend.rank, backend.world_size, backend.device)
+    if backend.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    logger = MetricsLogger(run_dir, enabled=backend.is_main, resume=resume)
+    try:
+        state = Trainer(task, backend, cfg.train, cfg.eval, run_dir, logger, progress).fit(resume)
+    finally:
+        logger.close()
+    summary = {"best_epoch": state.best_epoch, "best_valid": state.best, "test": state.results}
+    if backend.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        from snag_dist.plots import plot_run
+
+        plot_run(run_dir)
+    backend.barrier()
+    return summary
+
+
+def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"),
+                 overrides: list[str] | None = None) -> dict[str, dict[str, float]]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = load_config(str(run_dir / "config.yaml"), overrides)
+    model_state, _, _ = load_checkpoint(run_dir / "checkpoints" / "best")
+    task = TASKS.get(cfg.task.name)(cfg, 0, 1, torch.device("cpu"))
+    task.module.load_state_dict(model_state)
+    return {s: task.evaluate(task.module, s) for s in splits}

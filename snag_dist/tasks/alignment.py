@@ -1,0 +1,154 @@
+"""Multi-modal entity alignment (MMEA) with SNAG: GMI + ECIA + IIR, CSLS evaluation, iterative learning.
+
+Each step runs the structure encoder (GAT) over the whole graph but projects and fuses only the
+batch's entities (``out_index``), so a step costs O(graph) for the GAT and O(batch) for the rest.
+Every rank holds all training links, permutes them with the (seed, epoch) generator and takes its
+own slice of each global batch: equal step counts on every rank, each pair used once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from snag_dist.config import Config
+from snag_dist.data.stream import read_all_rows
+from snag_dist.engine.dist import generator
+from snag_dist.engine.loop import Phase
+from snag_dist.errors import DataError
+from snag_dist.eval.ranking import alignment_metrics, mutual_nearest_pairs
+from snag_dist.model.snag import SNAG, build_snag
+from snag_dist.tasks.alignment_losses import AlignmentLoss
+from snag_dist.tasks.common import GraphData, load_graph
+
+
+class AlignmentModule(nn.Module):
+    """Model + loss weights: everything the optimiser trains. ``forward(pairs) -> losses``."""
+
+    def __init__(self, model: SNAG, loss: AlignmentLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.graph: GraphData | None = None  # set by the task; plain attribute, never broadcast
+        self.last_weights: torch.Tensor | None = None
+
+    def forward(self, pairs_B2: torch.Tensor) -> dict[str, torch.Tensor]:
+        g = self.graph
+        uniq_O, inv = torch.unique(pairs_B2, return_inverse=True)
+        out = self.model(g.ids, g.features, g.present, g.edge_index, out_index=uniq_O)
+        self.last_weights = out.modality_weights.detach().mean(0)
+        return self.loss(out, inv.view(-1, 2))
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Test embeddings (joint_global) of ``ids``; the GAT sees the whole graph, fusion goes by chunk."""
+        was_training = self.training
+        self.eval()
+        g = self.graph
+        parts = [self.model(g.ids, g.features, g.present, g.edge_index, out_index=ids[a:a + chunk]).joint_global
+                 for a in range(0, len(ids), chunk)]
+        self.train(was_training)
+        return torch.cat(parts).float()
+
+
+class AlignmentTask:
+    metric = "hits@1"
+
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.acfg = cfg.task.alignment
+        root = Path(cfg.data.shards)
+        manifest, spec, graph = load_graph(root, cfg.data.store_dir)
+        if manifest.task != "alignment":
+            raise DataError(f"{root}: shards are for '{manifest.task}', config task is alignment")
+        self.links = {s: torch.from_numpy(read_all_rows(root, f"links/{s}")) if f"links/{s}" in manifest.shards
+                      else torch.zeros(0, 2, dtype=torch.long) for s in ("train", "valid", "test")}
+        if len(self.links["train"]) == 0:
+            raise DataError(f"{root}: no training links")
+        model = build_snag(cfg.model, cfg.noise if cfg.noise.enabled else None, spec)
+        self.module = AlignmentModule(model, AlignmentLoss(self.acfg, model.modalities))
+        self.device = device or torch.device("cpu")
+        self.module.graph = graph.to(self.device)
+        self.pseudo = torch.zeros(0, 2, dtype=torch.long)
+        self._candidates = torch.zeros(0, 2, dtype=torch.long)
+
+    # -- schedule -----------------------------------------------------------------------------
+    def phases(self, epochs: int) -> list[Phase]:
+        a = self.acfg
+        if not a.iterative or a.iterative_start >= epochs:
+            return [Phase("base", epochs)]
+        return [Phase("base", a.iterative_start),
+                Phase("iterative", epochs - a.iterative_start, 1.0 / a.iterative_lr_div, reload_best=True)]
+
+    def train_pairs(self) -> torch.Tensor:
+        return torch.cat([self.links["train"], self.pseudo])
+
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.train_pairs()) / self.cfg.train.batch_size))
+
+    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+        pairs = self.train_pairs()
+        order = torch.randperm(len(pairs), generator=generator(self.cfg.train.seed, epoch))
+        bs = self.cfg.train.batch_size
+        for start in range(0, len(pairs), bs):
+            global_batch = pairs[order[start:start + bs]]
+            yield global_batch[self.rank::self.world].to(self.device)
+
+    # -- hooks --------------------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int, module: nn.Module, phase: Phase) -> None:
+        module.model.resample_noise(epoch, self.cfg.train.seed)
+        if phase.name != "iterative":
+            return
+        a = self.acfg
+        if epoch % a.mnn_every == 0:
+            self._refresh_candidates(module)
+        if epoch % a.pseudo_every == 0 and len(self._candidates):
+            self.pseudo = torch.cat([self.pseudo, self._candidates]).unique(dim=0)
+            self._candidates = torch.zeros(0, 2, dtype=torch.long)
+
+    def _refresh_candidates(self, module: AlignmentModule) -> None:
+        """Mutual CSLS nearest neighbours among entities not yet linked (no valid/test knowledge)."""
+        g = module.graph
+        linked = torch.cat([self.links["train"].flatten(), self.links["valid"].flatten(), self.pseudo.flatten()])
+        free = torch.ones(len(g.ids), dtype=torch.bool)
+        free[linked] = False
+        kg = g.kg.cpu()
+        left, right = torch.nonzero(free & (kg == 0)).flatten(), torch.nonzero(free & (kg == 1)).flatten()
+        ids = torch.cat([left, right])
+        sub = module.embed(ids.to(self.device), self.cfg.eval.chunk_size).cpu()
+        emb = torch.zeros(len(g.ids), sub.shape[1])
+        emb[ids] = sub
+        new = mutual_nearest_pairs(emb, left, right, self.acfg.csls_k, self.cfg.eval.chunk_size)
+        if len(self._candidates):  # keep pairs that stayed mutual since the last refresh
+            old = {tuple(p) for p in self._candidates.tolist()}
+            new = torch.tensor([p for p in new.tolist() if tuple(p) in old], dtype=torch.long).view(-1, 2)
+        self._candidates = new
+
+    def evaluate(self, module: AlignmentModule, split: str) -> dict[str, float]:
+        links = self.links[split]
+        if len(links) == 0:
+            raise DataError(f"no '{split}' links to evaluate on")
+        ids = torch.unique(links)
+        emb = module.embed(ids.to(self.device), self.cfg.eval.chunk_size).cpu()
+        local = torch.searchsorted(ids, links)
+        metrics = alignment_metrics(emb, local, self.acfg.csls_k, self.cfg.eval.chunk_size)
+        metrics["pseudo_links"] = float(len(self.pseudo))
+        return metrics
+
+    def epoch_stats(self, module: AlignmentModule) -> dict[str, object]:
+        if module.last_weights is None:
+            return {}
+        return {"modality_weights": dict(zip(module.model.modalities, module.last_weights.tolist()))}
+
+
+def pseudo_link_precision(pseudo: torch.Tensor, gold: torch.Tensor) -> float:
+    """Share of pseudo links that are gold links (for reports; gold is never used in training)."""
+    if len(pseudo) == 0:
+        return math.nan
+    gold_set = {tuple(p) for p in gold.tolist()}
+    return float(np.mean([tuple(p) in gold_set for p in pseudo.tolist()]))

@@ -1,0 +1,161 @@
+"""SNAG's entity-alignment objectives (GMI, ECIA, IIR) over a batch of aligned pairs.
+
+All three reuse one in-batch contrastive loss, the "icl" loss of MCLEA/MEAformer: for each aligned
+pair (l, r) of the batch, l must pick r among the batch's right entities, with the batch's other left
+entities (same KG) as extra negatives; symmetrically for r. Inputs are L2-normalised, logits divided
+by the temperature tau, and the two directions averaged.
+
+- GMI  (global modality integration): on the attention-weighted joint embedding plus on the
+  global-weight joint embedding.
+- ECIA (entity-level modality alignment): per modality on the encoder outputs; each pair's term is
+  weighted by the smaller of its two entities' modality weights, so a modality is trusted for a pair
+  only as much as the fusion trusts it for both entities.
+- IIR  (late intra-modal refinement): per modality on the fusion Transformer's hidden outputs.
+
+ECIA and IIR each combine their per-modality losses by learned homoscedastic uncertainty
+(Kendall et al. 2018): sum_m exp(-s_m) L_m + s_m, with one log-variance s_m per modality.
+Pairs where either entity lacks a modality (present False) leave that modality's loss entirely:
+neither as a positive nor as a negative.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from snag_dist.config.schema import AlignmentConfig
+
+# Legend: B pairs in the batch, E entities, M modalities, H hidden, D any embedding dim.
+
+# Added to masked logits instead of -inf: exp() underflows to 0 the same way, but a row that is
+# entirely masked stays finite (no NaN gradients); its term has weight 0 anyway.
+_MASKED = -1e9
+
+
+def _masked_columns(logits_bb: Tensor, drop_b: Tensor | None, diagonal: bool) -> Tensor:
+    """Logits with the columns of dropped pairs, and the diagonal if asked, pushed to -1e9."""
+    mask_bb = torch.zeros_like(logits_bb, dtype=torch.bool)
+    if diagonal:
+        mask_bb.fill_diagonal_(True)
+    if drop_b is not None:
+        mask_bb |= drop_b.unsqueeze(0)
+    return logits_bb.masked_fill(mask_bb, _MASKED)
+
+
+def contrastive_loss(
+    left_bd: Tensor, right_bd: Tensor, tau: float,
+    pair_weight_b: Tensor | None = None, valid_b: Tensor | None = None,
+) -> Tensor:
+    """In-batch InfoNCE both ways between aligned rows of left_bd and right_bd (B, D).
+
+    pair_weight_b scales each pair's term; valid_b (bool) drops pairs entirely. The result is the
+    weighted sum over valid pairs divided by their number (0 when none is valid). Memory O(B^2).
+    """
+    left_bd = F.normalize(left_bd.float(), dim=1)
+    right_bd = F.normalize(right_bd.float(), dim=1)
+    drop_b = None if valid_b is None else ~valid_b
+    ab = left_bd @ right_bd.T / tau  # (B, B): row i = left i against every right
+    pos_b = ab.diagonal()
+    ab_masked = ab if drop_b is None else _masked_columns(ab, drop_b, diagonal=False)
+    ba_masked = ab.T if drop_b is None else _masked_columns(ab.T, drop_b, diagonal=False)
+    aa = _masked_columns(left_bd @ left_bd.T / tau, drop_b, diagonal=True)
+    bb = _masked_columns(right_bd @ right_bd.T / tau, drop_b, diagonal=True)
+    # log-sum-exp over [cross-KG | same-KG] without materialising the (B, 2B) concatenation.
+    loss_a_b = torch.logaddexp(ab_masked.logsumexp(1), aa.logsumexp(1)) - pos_b
+    loss_b_b = torch.logaddexp(ba_masked.logsumexp(1), bb.logsumexp(1)) - pos_b
+    per_pair_b = 0.5 * (loss_a_b + loss_b_b)
+    weight_b = torch.ones_like(per_pair_b) if pair_weight_b is None else pair_weight_b.float()
+    if valid_b is not None:
+        weight_b = weight_b * valid_b.float()
+        return (weight_b * per_pair_b).sum() / valid_b.sum().clamp(min=1)
+    return (weight_b * per_pair_b).mean()
+
+
+class UncertaintyWeighting(nn.Module):
+    """sum_m active_m * (exp(-s_m) L_m + s_m) with learnable log-variances s (Kendall et al.).
+
+    Inactive terms (no valid pair this batch) are multiplied by 0 rather than skipped, so s_m
+    still gets a (zero) gradient and data-parallel wrappers never see an unused parameter.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = list(names)
+        # "log_var" in the name keeps it out of weight decay (the engine matches on it).
+        self.log_var = nn.Parameter(torch.zeros(len(self.names)))
+
+    def forward(self, loss_m: Tensor, active_m: Tensor) -> Tensor:
+        terms_m = torch.exp(-self.log_var) * loss_m + self.log_var
+        return (active_m.to(terms_m.dtype) * terms_m).sum()
+
+
+class AlignmentLoss(nn.Module):
+    """GMI + ECIA + IIR for a batch of aligned pairs, from the model's `SnagOutput`.
+
+    A term whose weight is 0 is neither computed nor given parameters. Modalities named here but
+    absent from the model output contribute nothing (inactive) in that batch.
+    """
+
+    def __init__(self, cfg: AlignmentConfig, modalities: list[str]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = list(modalities)
+        self.ecia = UncertaintyWeighting(self.modalities) if cfg.ecia_weight > 0 else None
+        self.iir = UncertaintyWeighting(self.modalities) if cfg.iir_weight > 0 else None
+
+    def forward(self, out: Any, pairs: Tensor) -> dict[str, Tensor]:
+        """out: SnagOutput over E entities; pairs (B, 2) long entity indices into E.
+
+        Returns "loss" (to backprop) and detached "gmi", "ecia", "iir" and per-modality
+        "ecia/<m>", "iir/<m>" for logging.
+        """
+        pairs = pairs.to(out.joint.device, torch.long)
+        zero = out.joint.new_zeros(())
+        total, logs = zero, {"gmi": zero, "ecia": zero, "iir": zero}
+        if self.cfg.gmi_weight > 0:
+            gmi = self._gmi(out, pairs)
+            total, logs["gmi"] = total + self.cfg.gmi_weight * gmi, gmi
+        if self.ecia is not None:
+            ecia, per_m = self._per_modality(out.modality_emb, out, pairs, self.ecia, weighted=True)
+            total, logs["ecia"] = total + self.cfg.ecia_weight * ecia, ecia
+            logs.update({f"ecia/{m}": v for m, v in per_m.items()})
+        if self.iir is not None:
+            iir, per_m = self._per_modality(out.hidden, out, pairs, self.iir, weighted=False)
+            total, logs["iir"] = total + self.cfg.iir_weight * iir, iir
+            logs.update({f"iir/{m}": v for m, v in per_m.items()})
+        return {"loss": total, **{k: v.detach() for k, v in logs.items()}}
+
+    def _gmi(self, out: Any, pairs: Tensor) -> Tensor:
+        left, right = pairs[:, 0], pairs[:, 1]
+        tau = self.cfg.tau
+        joint = contrastive_loss(out.joint[left], out.joint[right], tau)
+        return joint + contrastive_loss(out.joint_global[left], out.joint_global[right], tau)
+
+    def _per_modality(
+        self, emb: dict[str, Tensor], out: Any, pairs: Tensor, weighting: UncertaintyWeighting,
+        weighted: bool,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Uncertainty-weighted sum of per-modality contrastive losses, and those losses."""
+        left, right = pairs[:, 0], pairs[:, 1]
+        zero = out.joint.new_zeros(())
+        losses, active, per_m = [], [], {}
+        for m in self.modalities:
+            if m not in emb or m not in out.modalities:
+                losses.append(zero)
+                active.append(zero)
+                continue
+            col = out.modalities.index(m)
+            valid_b = out.present[left, col] & out.present[right, col]
+            weight_b = None
+            if weighted:
+                # x M as in the reference: weights average 1/M, so this keeps ECIA on IIR's scale.
+                w_em = out.modality_weights.detach()
+                weight_b = torch.minimum(w_em[left, col], w_em[right, col]) * len(out.modalities)
+            loss = contrastive_loss(emb[m][left], emb[m][right], self.cfg.tau, weight_b, valid_b)
+            losses.append(loss)
+            active.append(valid_b.any().to(loss.dtype))
+            per_m[m] = loss
+        return weighting(torch.stack(losses), torch.stack(active)), per_m

@@ -1,0 +1,210 @@
+"""GMI / ECIA / IIR: the contrastive loss itself, uncertainty weighting, term weights, absent modalities."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from snag_dist.config.schema import AlignmentConfig
+from snag_dist.tasks import AlignmentLoss, UncertaintyWeighting, check_losses, contrastive_loss
+
+MODS = ["structure", "relation", "image"]
+
+
+@dataclass
+class FakeOut:
+    """Stand-in for model.snag.SnagOutput: only the fields the loss reads, same shapes."""
+
+    modalities: list[str]
+    modality_emb: dict[str, torch.Tensor]  # (E, H)
+    hidden: dict[str, torch.Tensor]  # (E, H)
+    modality_weights: torch.Tensor  # (E, M)
+    joint: torch.Tensor  # (E, M*H)
+    joint_global: torch.Tensor  # (E, M*H)
+    present: torch.Tensor  # (E, M) bool
+    extra: dict = field(default_factory=dict)
+
+
+def make_out(num_pairs: int = 6, hidden: int = 8, seed: int = 0, aligned: bool = True) -> FakeOut:
+    """Entities 0..B-1 (left) aligned to B..2B-1 (right); right = left + noise when aligned."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def table() -> torch.Tensor:
+        left = torch.randn(num_pairs, hidden, generator=gen)
+        right = left + 0.01 * torch.randn(num_pairs, hidden, generator=gen) if aligned else torch.randn(
+            num_pairs, hidden, generator=gen
+        )
+        return torch.cat([left, right]).requires_grad_(True)
+
+    emb = {m: table() for m in MODS}
+    hid = {m: table() for m in MODS}
+    weights = torch.softmax(torch.randn(2 * num_pairs, len(MODS), generator=gen), dim=1)
+    joint = torch.cat([emb[m] for m in MODS], dim=1)
+    present = torch.ones(2 * num_pairs, len(MODS), dtype=torch.bool)
+    return FakeOut(list(MODS), emb, hid, weights, joint, joint * 0.5, present)
+
+
+def pairs(num_pairs: int = 6) -> torch.Tensor:
+    return torch.stack([torch.arange(num_pairs), num_pairs + torch.arange(num_pairs)], dim=1)
+
+
+def naive_contrastive(left: torch.Tensor, right: torch.Tensor, tau: float, weight=None) -> torch.Tensor:
+    """The reference "icl" loss written out: explicit [cross | same-KG] logits and cross-entropy."""
+    left, right = F.normalize(left.double(), dim=1), F.normalize(right.double(), dim=1)
+    b = left.shape[0]
+    eye = torch.eye(b, dtype=torch.bool)
+    logits_a = torch.cat([left @ right.T, (left @ left.T).masked_fill(eye, -1e9)], dim=1) / tau
+    logits_b = torch.cat([right @ left.T, (right @ right.T).masked_fill(eye, -1e9)], dim=1) / tau
+    target = torch.arange(b)
+    ce_a = F.cross_entropy(logits_a, target, reduction="none")
+    ce_b = F.cross_entropy(logits_b, target, reduction="none")
+    w = torch.ones(b, dtype=torch.float64) if weight is None else weight.double()
+    return (w * 0.5 * (ce_a + ce_b)).sum() / b
+
+
+def test_contrastive_matches_written_out_reference():
+    gen = torch.Generator().manual_seed(1)
+    left, right = torch.randn(7, 5, generator=gen), torch.randn(7, 5, generator=gen)
+    weight = torch.rand(7, generator=gen)
+    got = contrastive_loss(left, right, 0.1, weight)
+    assert got.item() == pytest.approx(naive_contrastive(left, right, 0.1, weight).item(), rel=1e-5)
+
+
+def test_perfect_alignment_beats_random_and_gradient_flows():
+    aligned, shuffled = make_out(aligned=True), make_out(aligned=False)
+    left, right = pairs()[:, 0], pairs()[:, 1]
+    good = contrastive_loss(aligned.joint[left], aligned.joint[right], 0.1)
+    bad = contrastive_loss(shuffled.joint[left], shuffled.joint[right], 0.1)
+    assert good.item() < bad.item()
+    bad.backward()
+    grad = shuffled.modality_emb["structure"].grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_invalid_pairs_leave_the_loss_entirely():
+    gen = torch.Generator().manual_seed(2)
+    left, right = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    valid = torch.tensor([True, True, False, True, False, True])
+    got = contrastive_loss(left, right, 0.1, valid_b=valid)
+    # Same as the loss over the valid pairs alone: dropped pairs are not even negatives.
+    assert got.item() == pytest.approx(contrastive_loss(left[valid], right[valid], 0.1).item(), rel=1e-5)
+    none_valid = contrastive_loss(left, right, 0.1, valid_b=torch.zeros(6, dtype=torch.bool))
+    assert none_valid.item() == 0.0
+
+
+def test_loss_keys_and_detached_logs():
+    out = make_out()
+    losses = check_losses(AlignmentLoss(AlignmentConfig(), MODS)(out, pairs()))
+    assert {"loss", "gmi", "ecia", "iir"} <= set(losses)
+    assert {f"ecia/{m}" for m in MODS} <= set(losses)
+    assert losses["loss"].requires_grad
+    assert not any(v.requires_grad for k, v in losses.items() if k != "loss")
+
+
+def test_total_is_weighted_sum_of_terms():
+    cfg = AlignmentConfig(gmi_weight=0.5, ecia_weight=2.0, iir_weight=3.0)
+    losses = AlignmentLoss(cfg, MODS)(make_out(), pairs())
+    expected = 0.5 * losses["gmi"] + 2.0 * losses["ecia"] + 3.0 * losses["iir"]
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_gmi_is_joint_plus_global_joint():
+    out = make_out(aligned=False)  # a loss far from 0, so float32 vs float64 agree to 1e-5
+    cfg = AlignmentConfig(ecia_weight=0.0, iir_weight=0.0)
+    losses = AlignmentLoss(cfg, MODS)(out, pairs())
+    left, right = pairs()[:, 0], pairs()[:, 1]
+    expected = naive_contrastive(out.joint[left], out.joint[right], 0.1) + naive_contrastive(
+        out.joint_global[left], out.joint_global[right], 0.1
+    )
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("term", ["gmi", "ecia", "iir"])
+def test_zero_weight_removes_term(term):
+    out = make_out()
+    cfg = replace(AlignmentConfig(), **{f"{term}_weight": 0.0})
+    module = AlignmentLoss(cfg, MODS)
+    losses = module(out, pairs())
+    assert losses[term].item() == 0.0
+    others = sum(losses[t] for t in ("gmi", "ecia", "iir") if t != term)
+    assert losses["loss"].item() == pytest.approx(others.item(), rel=1e-6)
+    if term != "gmi":  # no parameters for a term that is never computed
+        assert getattr(module, term) is None
+        assert not any(name.startswith(term) for name, _ in module.named_parameters())
+
+
+def test_uncertainty_weights_are_learnable_log_variances():
+    module = AlignmentLoss(AlignmentConfig(), MODS)
+    names = [name for name, _ in module.named_parameters()]
+    assert names == ["ecia.log_var", "iir.log_var"]
+    assert all("log_var" in n for n in names)  # the engine exempts these from weight decay
+    before = module.ecia.log_var.detach().clone()
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    module(make_out(aligned=False), pairs())["loss"].backward()
+    assert module.ecia.log_var.grad.abs().min() > 0
+    opt.step()
+    assert not torch.equal(module.ecia.log_var.detach(), before)
+
+
+def test_uncertainty_formula():
+    weighting = UncertaintyWeighting(["a", "b"])
+    with torch.no_grad():
+        weighting.log_var.copy_(torch.tensor([0.5, -1.0]))
+    got = weighting(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 1.0]))
+    assert got.item() == pytest.approx(math.exp(-0.5) * 2 + 0.5 + math.exp(1.0) * 3 - 1.0, rel=1e-6)
+    inactive = weighting(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 0.0]))
+    assert inactive.item() == pytest.approx(math.exp(-0.5) * 2 + 0.5, rel=1e-6)
+
+
+def test_ecia_weights_each_pair_by_smaller_modality_weight():
+    out = make_out(aligned=False)
+    cfg = AlignmentConfig(gmi_weight=0.0, iir_weight=0.0)
+    losses = AlignmentLoss(cfg, MODS)(out, pairs())
+    left, right = pairs()[:, 0], pairs()[:, 1]
+    col = MODS.index("relation")
+    w = torch.minimum(out.modality_weights[left, col], out.modality_weights[right, col]) * len(MODS)
+    emb = out.modality_emb["relation"]
+    expected = naive_contrastive(emb[left], emb[right], 0.1, w)
+    assert losses["ecia/relation"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_modality_weights_get_no_gradient_from_ecia():
+    out = make_out()
+    out.modality_weights.requires_grad_(True)
+    cfg = AlignmentConfig(gmi_weight=0.0, iir_weight=0.0)
+    AlignmentLoss(cfg, MODS)(out, pairs())["loss"].backward()
+    assert out.modality_weights.grad is None
+
+
+def test_absent_modality_is_excluded():
+    out = make_out()
+    col = MODS.index("image")
+    out.present[2, col] = False  # left entity of pair 2 has no image
+    module = AlignmentLoss(AlignmentConfig(gmi_weight=0.0), MODS)
+    base = module(out, pairs())
+    # Whatever the absent entity's image features (and its partner's), the loss is unchanged.
+    with torch.no_grad():
+        out.modality_emb["image"][2] = torch.randn(8)
+        out.modality_emb["image"][6 + 2] = torch.randn(8)
+        out.hidden["image"][2] = torch.randn(8)
+    again = module(out, pairs())
+    assert again["loss"].item() == pytest.approx(base["loss"].item(), rel=1e-6)
+    assert again["ecia/structure"].item() == pytest.approx(base["ecia/structure"].item(), rel=1e-6)
+
+
+def test_modality_absent_everywhere_or_missing_contributes_nothing():
+    out = make_out()
+    out.present[:, MODS.index("image")] = False
+    module = AlignmentLoss(AlignmentConfig(gmi_weight=0.0, iir_weight=0.0), MODS)
+    losses = module(out, pairs())
+    assert losses["ecia/image"].item() == 0.0
+    losses["loss"].backward()
+    grad = module.ecia.log_var.grad
+    assert grad[MODS.index("image")].item() == 0.0 and grad[0].item() != 0.0
+    # A modality the loss knows but the model does not produce is simply inactive.
+    wider = AlignmentLoss(AlignmentConfig(gmi_weight=0.0, iir_weight=0.0), MODS + ["name"])
+    assert "ecia/name" not in wider(make_out(), pairs())
