@@ -5,7 +5,7 @@ cores: target <= 3 s. Compared side by side with a dense reference that holds th
 matrix (what the reference code does), and with the cost of one plain L x L matmul, the floor of
 any exact method: the chunked one needs about 2 of them (hubness, then ranks) minus the block it
 keeps between passes. Timings are medians of --repeats runs on random data; the ranks of both
-methods are checked to agree.
+methods are compared (float32 near-ties may differ by 1 in a handful of queries).
 
     .venv/bin/python benchmarks/bench_csls.py                 # the question above
     .venv/bin/python benchmarks/bench_csls.py --links 3000 --chunks 512 1024
@@ -36,6 +36,14 @@ def dense_reference(emb: torch.Tensor, links: torch.Tensor, k: int) -> Alignment
     return AlignmentRanks(l2r, r2l)
 
 
+def agreement(got: AlignmentRanks, ref: AlignmentRanks) -> str:
+    """Float32 rounding can flip a candidate within ~1e-7 of the gold score, in either method."""
+    delta = torch.cat([got.l2r - ref.l2r, got.r2l - ref.r2l])
+    if not delta.any():
+        return "equal"
+    return f"{int(delta.ne(0).sum())} of {delta.numel()} differ, max |d| {delta.abs().max():.0f}"
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     times, result = [], None
     for _ in range(repeats):
@@ -63,16 +71,16 @@ def main() -> None:
     a, b = emb[:n].contiguous(), emb[n:].contiguous()
     t_mm, _ = median_time(lambda: a @ b.T, args.repeats)
     t_dense, ref = median_time(lambda: dense_reference(emb, links, args.k), args.repeats)
-    print(f"L={n} d={args.dim} k={args.k} threads={torch.get_num_threads()} repeats={args.repeats} (median)")
+    print(f"L={n} d={args.dim} k={args.k} threads={torch.get_num_threads()} median of {args.repeats}")
     print(f"{'method':<22}{'chunk':>7}{'seconds':>10}{'x matmul':>10}{'score MiB':>11}  ranks")
     print(f"{'one L x L matmul':<22}{'-':>7}{t_mm:>10.2f}{1.0:>10.2f}{n * n * mib:>11.0f}")
-    print(f"{'dense reference':<22}{'-':>7}{t_dense:>10.2f}{t_dense / t_mm:>10.2f}{3 * n * n * mib:>11.0f}  (ref)")
+    dense_mib = 3 * n * n * mib  # cos, csls and a comparison at least
+    print(f"{'dense reference':<22}{'-':>7}{t_dense:>10.2f}{t_dense / t_mm:>10.2f}{dense_mib:>11.0f}  (ref)")
     for chunk in args.chunks:
         t, got = median_time(lambda c=chunk: alignment_ranks(emb, links, args.k, c), args.repeats)
-        same = torch.equal(got.l2r, ref.l2r) and torch.equal(got.r2l, ref.r2l)
-        buffers = 2 * min(chunk, n) * n * mib  # the two reused chunk x L buffers
+        buffers = 2.25 * min(chunk, n) * n * mib  # two chunk x L float blocks + a bool mask
         print(f"{'chunked (2 pass)':<22}{chunk:>7}{t:>10.2f}{t / t_mm:>10.2f}{buffers:>11.0f}  "
-              f"{'equal' if same else 'DIFFER'}")
+              f"{agreement(got, ref)}")
 
 
 if __name__ == "__main__":

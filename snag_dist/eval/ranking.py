@@ -9,16 +9,19 @@ where r_tgt(x) is the mean cosine of x to its k nearest targets and r_src(y) the
 its k nearest sources. k = 0 means plain cosine.
 
 Memory is O(chunk x m) for n queries and m candidates: the n x m score matrix is never held.
-Two passes over row chunks of the cosine matrix are the minimum for exact ranks without it:
-  pass 1 (hubness): r_tgt from each chunk's row top-k; r_src from a running column top-k;
-  pass 2 (ranks):   count, per query, the candidates that score strictly above the gold one.
-Pass 1 walks the chunks backwards and keeps its last block (the first rows) so that pass 2 starts
-with it instead of recomputing it; both directions of an alignment are counted from the same blocks.
+Exact ranks without it take two passes over row chunks of the cosine matrix:
+  pass 1 (hubness): r_tgt from each chunk's row top-k, r_src from a running column top-k;
+  pass 2 (ranks):   per query, count the candidates that score strictly above the gold one.
+The matmuls dominate, so pass 1 walks the chunks backwards and leaves its last two blocks (the first
+rows) in the two chunk buffers; pass 2 starts with them instead of recomputing them. Both directions
+of an alignment are counted from the same blocks. Within a row r_tgt(x) is constant and drops out,
+within a column r_src(y) does: each direction compares cos - r/2 of the other side.
 
 Tie rule: rank = 1 + number of candidates whose score is strictly greater than the gold's
 ("optimistic"). "pessimistic" also counts equal scores, "realistic" is the mean of the two (what the
 completion literature reports). The gold score is the directly computed cosine of the gold pair;
-the gold candidate itself is never counted against itself.
+the gold candidate itself is never counted against itself. Scores are float32, so candidates within
+about 1e-7 of the gold score may fall either way (a dense float32 computation has the same limit).
 
 Nothing here talks to other processes: a `QueryShard` picks which queries this process ranks, and
 `rank_stats` gives sums the engine can all-reduce.
@@ -27,18 +30,21 @@ Nothing here talks to other processes: a `QueryShard` picks which queries this p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Legend: n queries (source side), m candidates (target side), c rows in a chunk, D dim,
-# L links, P pairs, k CSLS neighbourhood size.
+# Legend: n queries (source side), m candidates (target side), c rows in a chunk, s rows in a
+# scoring sub-block, D dim, L links, P pairs, k CSLS neighbourhood size.
 
 Ties = Literal["optimistic", "realistic", "pessimistic"]
 DEFAULT_HITS: tuple[int, ...] = (1, 10)
+# Rows scored at a time in pass 2: 512 x 10,500 floats (21 MB) stay in cache between the
+# subtract / compare / sum steps, which a whole chunk would not.
+_SUB_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -95,45 +101,61 @@ class AlignmentRanks:
 
 @dataclass(frozen=True)
 class TopK:
-    values: Tensor  # (n, t) CSLS scores, best first
+    values: Tensor  # (n, t) scores, best first
     indices: Tensor  # (n, t) candidate indices into tgt
 
 
 @dataclass(frozen=True)
 class Hubness:
-    """CSLS penalties of both sides."""
+    """CSLS penalties of both sides (zeros when k = 0)."""
 
-    r_tgt_n: Tensor  # (n,) mean cos of each source to its k nearest targets (0 when k = 0)
-    r_src_m: Tensor  # (m,) mean cos of each target to its k nearest sources (0 when k = 0)
+    r_tgt_n: Tensor  # (n,) mean cos of each source to its k nearest targets
+    r_src_m: Tensor  # (m,) mean cos of each target to its k nearest sources
 
 
 @dataclass
 class _Workspace:
-    """Two reused chunk x m buffers: fresh multi-MB tensors cost page faults on every chunk."""
+    """Reused buffers (fresh multi-MB tensors cost page faults on every chunk): two chunk x m
+    cosine blocks, a chunk x m mask for pass 1 and an s x m score scratch for pass 2."""
 
-    cos_flat: Tensor  # holds the current cosine block
-    score_flat: Tensor  # scratch for scores / comparisons
-    cached_rows: tuple[int, int] | None = None  # source rows whose full cosine block is in cos_flat
+    blocks: list[Tensor]  # flat
+    mask: Tensor  # flat bool
+    scratch: Tensor  # flat
+    cached: dict[tuple[int, int], int] = field(default_factory=dict)  # source rows -> block index
 
     @classmethod
     def create(cls, like: Tensor, chunk: int, n: int, m: int) -> _Workspace:
-        size = min(chunk, n) * m
-        return cls(like.new_empty(size), like.new_empty(size))
+        rows = max(1, min(chunk, n))
+        blocks = [like.new_empty(rows * m) for _ in range(1 if rows >= n else 2)]
+        mask = torch.empty(rows * m, dtype=torch.bool, device=like.device)
+        return cls(blocks, mask, like.new_empty(min(rows, _SUB_ROWS) * m))
 
-    def cos(self, rows: int, cols: int) -> Tensor:
-        return self.cos_flat[: rows * cols].view(rows, cols)
+    def fresh(self, rows: int, cols: int) -> tuple[int, Tensor]:
+        """A (rows, cols) view of a block no cache entry needs; evicts the oldest if none is free."""
+        busy = set(self.cached.values())
+        free = [i for i in range(len(self.blocks)) if i not in busy]
+        if not free:
+            free = [self.cached.pop(next(iter(self.cached)))]
+        return free[0], self.blocks[free[0]][: rows * cols].view(rows, cols)
+
+    def take(self, rows: tuple[int, int], cols: int) -> Tensor | None:
+        """The cached cosine block of these source rows, if any; its buffer is free afterwards."""
+        idx = self.cached.pop(rows, None)
+        return None if idx is None else self.blocks[idx][: (rows[1] - rows[0]) * cols].view(-1, cols)
 
     def score(self, rows: int, cols: int) -> Tensor:
-        return self.score_flat[: rows * cols].view(rows, cols)
+        return self.scratch[: rows * cols].view(rows, cols)
 
 
 @dataclass
 class _Problem:
-    """Normalised inputs, their hubness and the buffers both passes share."""
+    """Normalised inputs, halved hubness and the buffers both passes share."""
 
     src_n: Tensor  # (n, D) unit rows
     tgt_n: Tensor  # (m, D) unit rows
     hub: Hubness
+    half_r_tgt_n: Tensor  # (n,)
+    half_r_src_m: Tensor  # (m,)
     ws: _Workspace
     chunk: int
     equal: bool  # also count exact ties (non-optimistic rules)
@@ -141,7 +163,7 @@ class _Problem:
 
 @dataclass
 class _Counts:
-    greater: Tensor  # float64, candidates scoring strictly above gold
+    greater: Tensor  # float64, other candidates scoring strictly above gold
     equal: Tensor | None  # float64, other candidates scoring exactly the gold score
 
 
@@ -158,90 +180,117 @@ def _unit(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=1)
 
 
-def _spans(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
-    return [(a, min(a + chunk, stop)) for a in range(start, stop, chunk)]
+def _spans(start: int, stop: int, step: int) -> list[tuple[int, int]]:
+    return [(a, min(a + step, stop)) for a in range(start, stop, step)]
 
 
-def _merge_block(top_km: Tensor, cos_cm: Tensor, scratch_cm: Tensor) -> Tensor:
-    """Running top-k (k, m) of every column, best first, updated with the rows of cos_cm."""
+def _descending_key(vals: Tensor) -> Tensor:
+    """int64 in [0, 2**32) that sorts float32 values in descending order (IEEE bits, negatives
+    flipped): one integer sort is much cheaper on CPU than stable float sorts."""
+    bits = vals.contiguous().view(torch.int32).to(torch.int64)
+    ascending = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return (2**31 - 1) - ascending
+
+
+def _merge_sparse(top_km: Tensor, rows: Tensor, cols: Tensor, cos_cm: Tensor) -> Tensor:
+    """Running top-k (k, m) updated with the few entries (rows, cols) of cos_cm above its k-th."""
     k, m = top_km.shape
-    torch.gt(cos_cm, top_km[-1], out=scratch_cm)  # 1.0 where an entry beats the running k-th
-    n_above = int(torch.count_nonzero(scratch_cm).item())
-    if n_above == 0:
-        return top_km
-    if n_above * 16 > cos_cm.numel():  # dense: no threshold yet, or a chunk of new leaders
-        both = torch.cat([top_km, cos_cm.topk(min(k, cos_cm.shape[0]), dim=0).values])
-        return both.topk(k, dim=0).values
-    # Sparse: merge only the entries above the k-th value (topk along dim 0 is slow on CPU).
-    rows, cols = scratch_cm.nonzero(as_tuple=True)
-    vals = torch.cat([top_km.reshape(-1), cos_cm[rows, cols]])
-    col_ids = torch.cat([torch.arange(m, device=cos_cm.device).repeat(k), cols])
-    # Sort by value, then stably by column: each column's entries end up best first.
-    by_val = vals.argsort(descending=True, stable=True)
-    order = by_val[col_ids[by_val].argsort(stable=True)]
+    touched = torch.zeros(m, dtype=torch.bool, device=cos_cm.device)
+    touched[cols] = True
+    t_cols = touched.nonzero().squeeze(1)
+    vals = torch.cat([top_km[:, t_cols].reshape(-1), cos_cm[rows, cols]])
+    col_ids = torch.cat([t_cols.repeat(k), cols])
+    # Column-major, best first within a column.
+    order = (col_ids * 2**32 + _descending_key(vals)).argsort()
     vals, col_ids = vals[order], col_ids[order]
     per_col = torch.bincount(col_ids, minlength=m)
     pos = torch.arange(vals.numel(), device=vals.device) - (per_col.cumsum(0) - per_col)[col_ids]
     keep = pos < k
-    out = torch.empty_like(top_km)
+    out = top_km.clone()
     out[pos[keep], col_ids[keep]] = vals[keep]
     return out
 
 
-def _merge_column_topk(top_km: Tensor, cos_cm: Tensor, scratch_flat: Tensor) -> Tensor:
-    # Row blocks growing 4x: the first, small one seeds the threshold with a cheap dense top-k;
-    # after it few entries of the bigger blocks beat the running k-th value.
-    a, size, m = 0, 128, cos_cm.shape[1]
+def _merge_block(top_km: Tensor, cos_cm: Tensor, mask_cm: Tensor, dense: bool) -> Tensor:
+    """Running top-k (k, m) of every column, best first, updated with the rows of cos_cm."""
+    k = top_km.shape[0]
+    if not dense:
+        # topk along dim 0 is slow on CPU; once seeded, few entries beat the running k-th value.
+        torch.gt(cos_cm, top_km[-1], out=mask_cm)
+        rows, cols = mask_cm.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return top_km
+        dense = rows.numel() * 16 > cos_cm.numel()  # e.g. rows sorted by similarity
+        if not dense:
+            return _merge_sparse(top_km, rows, cols, cos_cm)
+    both = torch.cat([top_km, cos_cm.topk(min(k, cos_cm.shape[0]), dim=0).values])
+    return both.topk(k, dim=0).values
+
+
+def _merge_column_topk(top_km: Tensor, cos_cm: Tensor, mask_flat: Tensor, seeded: bool) -> Tensor:
+    # Unseeded (first chunk): row blocks growing 4x, the first, small one seeding the running
+    # top-k with a cheap dense top-k, so that few entries of each bigger block beat the running
+    # k-th value. Seeded: the whole chunk at once (fewer, larger ops).
+    a, size, m = 0, 256 if not seeded else cos_cm.shape[0], cos_cm.shape[1]
     while a < cos_cm.shape[0]:
         b = min(cos_cm.shape[0], a + size)
-        top_km = _merge_block(top_km, cos_cm[a:b], scratch_flat[: (b - a) * m].view(b - a, m))
-        a, size = b, size * 4
+        mask_cm = mask_flat[: (b - a) * m].view(b - a, m)
+        top_km = _merge_block(top_km, cos_cm[a:b], mask_cm, dense=not seeded)
+        a, size, seeded = b, size * 4, True
     return top_km
 
 
-def _cos_into(p: _Problem, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
-    """Cosines (c, m') of source rows x target columns, reusing the block already in the buffer."""
-    (a, b), (j0, j1) = rows, cols
-    full = (j0, j1) == (0, p.tgt_n.shape[0])
-    if p.ws.cached_rows == rows:
-        return p.ws.cos(b - a, p.tgt_n.shape[0])[:, j0:j1]
-    out = p.ws.cos(b - a, j1 - j0)
-    torch.mm(p.src_n[a:b], p.tgt_n[j0:j1].T, out=out)
-    p.ws.cached_rows = rows if full else None
-    return out
-
-
 def _hubness(src_n: Tensor, tgt_n: Tensor, k: int, ws: _Workspace, chunk: int) -> Hubness:
+    """Pass 1, leaving its last blocks cached in the workspace."""
     n, m = src_n.shape[0], tgt_n.shape[0]
     if k == 0 or n == 0 or m == 0:
         return Hubness(src_n.new_zeros(n), tgt_n.new_zeros(m))
     r_tgt_n = src_n.new_empty(n)
     top_km = tgt_n.new_full((min(k, n), m), float("-inf"))
-    # Backwards, so the block left in the buffer is the first one, where pass 2 starts.
-    for a, b in reversed(_spans(0, n, chunk)):
-        cos_cm = ws.cos(b - a, m)
+    # Backwards, so the blocks left in the buffers are the first ones, where pass 2 starts.
+    for i, (a, b) in enumerate(reversed(_spans(0, n, chunk))):
+        idx, cos_cm = ws.fresh(b - a, m)
         torch.mm(src_n[a:b], tgt_n.T, out=cos_cm)
-        ws.cached_rows = (a, b)
+        ws.cached[(a, b)] = idx
         r_tgt_n[a:b] = cos_cm.topk(min(k, m), dim=1).values.mean(1)
-        top_km = _merge_column_topk(top_km, cos_cm, ws.score_flat)
+        top_km = _merge_column_topk(top_km, cos_cm, ws.mask, seeded=i > 0)
     return Hubness(r_tgt_n, top_km.mean(0))
 
 
 def csls_hubness(src: Tensor, tgt: Tensor, k: int, chunk: int) -> Hubness:
     """Pass 1 alone: r_tgt (n,) and r_src (m,) of src (n, D) and tgt (m, D), chunk rows at a time."""
     src_n, tgt_n = _unit(src), _unit(tgt)
+    return _hubness(src_n, tgt_n, k, _Workspace.create(src_n, chunk, len(src_n), len(tgt_n)), chunk)
+
+
+def _problem(src: Tensor, tgt: Tensor, k: int, chunk: int, ties: Ties) -> _Problem:
+    if chunk < 1 or k < 0:
+        raise ValueError(f"need chunk >= 1 and k >= 0, got chunk={chunk} k={k}")
+    src_n, tgt_n = _unit(src), _unit(tgt)
     ws = _Workspace.create(src_n, chunk, src_n.shape[0], tgt_n.shape[0])
-    return _hubness(src_n, tgt_n, k, ws, chunk)
+    hub = _hubness(src_n, tgt_n, k, ws, chunk)
+    half_r_tgt, half_r_src = 0.5 * hub.r_tgt_n, 0.5 * hub.r_src_m
+    return _Problem(src_n, tgt_n, hub, half_r_tgt, half_r_src, ws, chunk, ties != "optimistic")
 
 
-def _count_beats(score_cm: Tensor, gold_score: Tensor, dim: int, equal: bool) -> _Counts:
+def _cos_block(p: _Problem, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
+    """Cosines (c, m') of source rows x target columns, taken from the pass-1 cache if there."""
+    (a, b), (j0, j1) = rows, cols
+    cached = p.ws.take(rows, p.tgt_n.shape[0])
+    if cached is not None:
+        return cached[:, j0:j1]
+    _, out = p.ws.fresh(b - a, j1 - j0)
+    return torch.mm(p.src_n[a:b], p.tgt_n[j0:j1].T, out=out)
+
+
+def _count_beats(score_sm: Tensor, gold_score: Tensor, dim: int, equal: bool) -> _Counts:
     """Per row (dim=1) or column (dim=0): how many scores beat / equal the gold score."""
     if equal:
-        greater = (score_cm > gold_score).sum(dim, dtype=torch.float64)
-        return _Counts(greater, (score_cm == gold_score).sum(dim, dtype=torch.float64))
+        greater = (score_sm > gold_score).sum(dim, dtype=torch.float64)
+        return _Counts(greater, (score_sm == gold_score).sum(dim, dtype=torch.float64))
     # In place, as 0/1 floats: summing floats is several times faster than summing bools on CPU.
-    # A chunk's float32 sums are exact below 2**24 candidates.
-    return _Counts(score_cm.gt_(gold_score).sum(dim).double(), None)
+    # The float32 sums are exact below 2**24 candidates.
+    return _Counts(score_sm.gt_(gold_score).sum(dim).double(), None)
 
 
 def _self_beats(score: Tensor, gold_score: Tensor, equal: bool) -> _Counts:
@@ -249,20 +298,46 @@ def _self_beats(score: Tensor, gold_score: Tensor, equal: bool) -> _Counts:
     return _Counts((score > gold_score).double(), (score == gold_score).double() if equal else None)
 
 
+def _minus(counts: _Counts, own: _Counts) -> _Counts:
+    equal = None if counts.equal is None or own.equal is None else counts.equal - own.equal
+    return _Counts(counts.greater - own.greater, equal)
+
+
 def _row_counts(p: _Problem, cos_cm: Tensor, gold_c: Tensor, pair_c: Tensor) -> _Counts:
-    """Source queries (rows of cos_cm) against all targets; r_tgt(x) is constant in a row and drops."""
-    half_r_src_m = 0.5 * p.hub.r_src_m
-    score_cm = torch.sub(cos_cm, half_r_src_m, out=p.ws.score(*cos_cm.shape))  # cos_cm stays intact
-    gold_score = (pair_c - half_r_src_m[gold_c]).unsqueeze(1)
-    own = _self_beats(score_cm.gather(1, gold_c.unsqueeze(1)), gold_score, p.equal)
-    counts = _count_beats(score_cm, gold_score, 1, p.equal)
-    return _subtract(counts, own, squeeze=True)
+    """Source queries (rows of cos_cm, all targets) against their gold targets gold_c."""
+    gold_score_c = pair_c - p.half_r_src_m[gold_c]
+    greater, equal = [], []
+    for r0, r1 in _spans(0, cos_cm.shape[0], _SUB_ROWS):
+        score_sm = p.ws.score(r1 - r0, cos_cm.shape[1])
+        torch.sub(cos_cm[r0:r1], p.half_r_src_m, out=score_sm)
+        gold_s = gold_score_c[r0:r1]
+        own = _self_beats(score_sm.gather(1, gold_c[r0:r1].unsqueeze(1)).squeeze(1), gold_s, p.equal)
+        counts = _minus(_count_beats(score_sm, gold_s.unsqueeze(1), 1, p.equal), own)
+        greater.append(counts.greater)
+        if counts.equal is not None:
+            equal.append(counts.equal)
+    return _Counts(torch.cat(greater), torch.cat(equal) if equal else None)
 
 
-def _subtract(counts: _Counts, own: _Counts, squeeze: bool) -> _Counts:
-    g = own.greater.squeeze(1) if squeeze else own.greater
-    e = None if own.equal is None else (own.equal.squeeze(1) if squeeze else own.equal)
-    return _Counts(counts.greater - g, None if counts.equal is None else counts.equal - e)
+def _col_counts(
+    p: _Problem, rows: tuple[int, int], cos_cm: Tensor, cols: tuple[int, int], pair_l: Tensor, total: _Counts
+) -> None:
+    """Add to `total` the counts of target queries cols[0]:cols[1] against source rows
+    rows[0]:rows[1] of a link table, where the gold source of target j is source j."""
+    (a, _), (j0, j1) = rows, cols
+    gold_score = pair_l[j0:j1] - p.half_r_tgt_n[j0:j1]
+    for r0, r1 in _spans(0, cos_cm.shape[0], _SUB_ROWS):
+        half_r_tgt_s = p.half_r_tgt_n[a + r0 : a + r1].unsqueeze(1)
+        score_sm = torch.sub(cos_cm[r0:r1], half_r_tgt_s, out=p.ws.score(r1 - r0, j1 - j0))
+        lo, hi = max(a + r0, j0), min(a + r1, j1)  # gold entries (j, j) inside this sub-block
+        idx = torch.arange(lo, max(lo, hi), device=cos_cm.device)
+        own = _self_beats(score_sm[idx - a - r0, idx - j0], gold_score[idx - j0], p.equal)
+        counts = _count_beats(score_sm, gold_score.unsqueeze(0), 0, p.equal)
+        counts.greater[idx - j0] -= own.greater
+        total.greater += counts.greater
+        if total.equal is not None and counts.equal is not None and own.equal is not None:
+            counts.equal[idx - j0] -= own.equal
+            total.equal += counts.equal
 
 
 def _ranks(counts: _Counts, ties: Ties) -> Tensor:
@@ -271,14 +346,6 @@ def _ranks(counts: _Counts, ties: Ties) -> Tensor:
     if ties == "pessimistic":
         return 1.0 + counts.greater + counts.equal
     return 1.0 + counts.greater + 0.5 * counts.equal
-
-
-def _problem(src: Tensor, tgt: Tensor, k: int, chunk: int, ties: Ties) -> _Problem:
-    if chunk < 1 or k < 0:
-        raise ValueError(f"need chunk >= 1 and k >= 0, got chunk={chunk} k={k}")
-    src_n, tgt_n = _unit(src), _unit(tgt)
-    ws = _Workspace.create(src_n, chunk, src_n.shape[0], tgt_n.shape[0])
-    return _Problem(src_n, tgt_n, _hubness(src_n, tgt_n, k, ws, chunk), ws, chunk, ties != "optimistic")
 
 
 def csls_ranks(
@@ -293,7 +360,7 @@ def csls_ranks(
     for a, b in _spans(lo, hi, chunk):
         gold_c = gold[a:b]
         pair_c = (p.src_n[a:b] * p.tgt_n[gold_c]).sum(1)
-        cos_cm = _cos_into(p, (a, b), (0, p.tgt_n.shape[0]))
+        cos_cm = _cos_block(p, (a, b), (0, p.tgt_n.shape[0]))
         out.append(_ranks(_row_counts(p, cos_cm, gold_c, pair_c), ties))
     return torch.cat(out) if out else p.src_n.new_zeros(0, dtype=torch.float64)
 
@@ -304,31 +371,6 @@ def csls_rank_metrics(
 ) -> RankMetrics:
     """Hits@k, MRR and mean rank of gold (n,) targets for source queries src (n, D) vs tgt (m, D)."""
     return RankMetrics.from_ranks(csls_ranks(src, tgt, gold, k, chunk, ties), hits_at)
-
-
-def _col_counts(
-    p: _Problem, rows: tuple[int, int], cos_cm: Tensor, cols: tuple[int, int], pair_l: Tensor
-) -> _Counts:
-    """Target queries cols[0]:cols[1] against source rows rows[0]:rows[1] of a link table, where
-    the gold source of target j is source j; r_src(y) is constant in a column and drops."""
-    (a, b), (j0, j1) = rows, cols
-    half_r_tgt_c = 0.5 * p.hub.r_tgt_n[a:b].unsqueeze(1)
-    score_cm = torch.sub(cos_cm, half_r_tgt_c, out=p.ws.score(*cos_cm.shape))
-    gold_score = pair_l[j0:j1] - 0.5 * p.hub.r_tgt_n[j0:j1]
-    lo, hi = max(a, j0), min(b, j1)
-    idx = torch.arange(lo, max(lo, hi), device=cos_cm.device)
-    own = _self_beats(score_cm[idx - a, idx - j0], gold_score[idx - j0], p.equal)
-    counts = _count_beats(score_cm, gold_score.unsqueeze(0), 0, p.equal)
-    counts.greater[idx - j0] -= own.greater
-    if counts.equal is not None and own.equal is not None:
-        counts.equal[idx - j0] -= own.equal
-    return counts
-
-
-def _add(total: _Counts, part: _Counts) -> None:
-    total.greater += part.greater
-    if total.equal is not None and part.equal is not None:
-        total.equal += part.equal
 
 
 def alignment_ranks(
@@ -351,13 +393,13 @@ def alignment_ranks(
     for a, b in _spans(0, n_links, chunk):
         ra, rb = max(a, lo), min(b, hi)
         if ra < rb:  # these rows are l2r queries: they need every column
-            cos_cm = _cos_into(p, (a, b), (0, n_links))
+            cos_cm = _cos_block(p, (a, b), (0, n_links))
             gold_c = torch.arange(ra, rb, device=emb.device)
             l2r.append(_ranks(_row_counts(p, cos_cm[ra - a : rb - a], gold_c, pair_l[ra:rb]), ties))
             cos_cm = cos_cm[:, lo:hi]
         else:
-            cos_cm = _cos_into(p, (a, b), (lo, hi))
-        _add(cols, _col_counts(p, (a, b), cos_cm, (lo, hi), pair_l))
+            cos_cm = _cos_block(p, (a, b), (lo, hi))
+        _col_counts(p, (a, b), cos_cm, (lo, hi), pair_l, cols)
     l2r_ranks = torch.cat(l2r) if l2r else zeros
     return AlignmentRanks(l2r_ranks, _ranks(cols, ties))
 
@@ -384,20 +426,20 @@ def mutual_nearest_pairs(emb: Tensor, left_ids: Tensor, right_ids: Tensor, k: in
     if n == 0 or m == 0:
         return left_ids.new_zeros((0, 2))
     p = _problem(emb[left_ids], emb[right_ids], k, chunk, "optimistic")
-    half_r_src_m, half_r_tgt_n = 0.5 * p.hub.r_src_m, 0.5 * p.hub.r_tgt_n
     best_col_n = left_ids.new_empty(n)
     best_val_m = p.tgt_n.new_full((m,), float("-inf"))
     best_row_m = left_ids.new_zeros(m)
     for a, b in _spans(0, n, chunk):
-        cos_cm = _cos_into(p, (a, b), (0, m))
-        score_cm = p.ws.score(b - a, m)
-        best_col_n[a:b] = torch.sub(cos_cm, half_r_src_m, out=score_cm).argmax(1)
-        val_m, row_m = torch.sub(cos_cm, half_r_tgt_n[a:b].unsqueeze(1), out=score_cm).max(0)
-        better = val_m > best_val_m  # strict: an earlier (lower) row keeps a tie
-        best_val_m = torch.where(better, val_m, best_val_m)
-        best_row_m = torch.where(better, row_m + a, best_row_m)
-    rows_n = torch.arange(n, device=emb.device)
-    mutual = best_row_m[best_col_n] == rows_n
+        cos_cm = _cos_block(p, (a, b), (0, m))
+        for r0, r1 in _spans(a, b, _SUB_ROWS):
+            score_sm = p.ws.score(r1 - r0, m)
+            best_col_n[r0:r1] = torch.sub(cos_cm[r0 - a : r1 - a], p.half_r_src_m, out=score_sm).argmax(1)
+            torch.sub(cos_cm[r0 - a : r1 - a], p.half_r_tgt_n[r0:r1].unsqueeze(1), out=score_sm)
+            val_m, row_m = score_sm.max(0)
+            better = val_m > best_val_m  # strict: an earlier (lower) row keeps a tie
+            best_val_m = torch.where(better, val_m, best_val_m)
+            best_row_m = torch.where(better, row_m + r0, best_row_m)
+    mutual = best_row_m[best_col_n] == torch.arange(n, device=emb.device)
     return torch.stack([left_ids[mutual], right_ids[best_col_n[mutual]]], dim=1)
 
 
@@ -407,7 +449,7 @@ def csls_topk(src: Tensor, tgt: Tensor, k: int, chunk: int, topn: int) -> TopK:
     t = min(topn, p.tgt_n.shape[0])
     values, indices = [], []
     for a, b in _spans(0, p.src_n.shape[0], chunk):
-        cos_cm = _cos_into(p, (a, b), (0, p.tgt_n.shape[0]))
+        cos_cm = _cos_block(p, (a, b), (0, p.tgt_n.shape[0]))
         score_cm = cos_cm if k == 0 else 2.0 * cos_cm - p.hub.r_tgt_n[a:b].unsqueeze(1) - p.hub.r_src_m
         top = score_cm.topk(t, dim=1)
         values.append(top.values)

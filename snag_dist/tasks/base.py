@@ -1,8 +1,8 @@
 """What the engine needs from a task (alignment, completion): its losses and its evaluation.
 
-The training loop is task-agnostic: it calls `losses(batch, out)` and backpropagates ["loss"], logs
-the other (detached, scalar) entries, and calls `evaluate` on a split to get `Metrics`. A task never
-talks to other processes or moves tensors between devices; the engine does both.
+The training loop is task-agnostic: it calls `losses(batch, out)` and backpropagates ["loss"],
+logs the other (detached, scalar) entries, and calls `evaluate` on a named split to get `Metrics`.
+A task never talks to other processes; the engine does (and reduces what must be reduced).
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ class Task(Protocol):
         """Loss terms of one batch given the model output `out`; must contain LOSS_KEY."""
         ...
 
-    def evaluate(self, out: Any, split: Tensor) -> Metrics:
-        """Metrics of the model output `out` (clean features, eval mode) on a split's
-        links (L, 2) or triples (T, 3)."""
+    def evaluate(self, module: Any, split: str) -> Metrics:
+        """Metrics of the model (eval mode, clean features) on split "valid" or "test"."""
         ...
 
 

@@ -94,7 +94,7 @@ def test_chunked_ranks_equal_dense(chunk, k):
 
 @pytest.mark.parametrize("shape", [(600, 300), (300, 600)])
 def test_hubness_large_chunk_both_merge_paths(shape):
-    """A 600-row chunk is merged in row blocks (128, then 472): the sparse merge on random rows,
+    """A 600-row chunk is merged in row blocks (256, then 344): the sparse merge on random rows,
     the dense fallback when every new row beats the running top-k (rows sorted ascending)."""
     n, m = shape
     gen = torch.Generator().manual_seed(n)

@@ -208,3 +208,13 @@ def test_modality_absent_everywhere_or_missing_contributes_nothing():
     # A modality the loss knows but the model does not produce is simply inactive.
     wider = AlignmentLoss(AlignmentConfig(gmi_weight=0.0, iir_weight=0.0), MODS + ["name"])
     assert "ecia/name" not in wider(make_out(), pairs())
+
+
+def test_check_losses_enforces_the_task_contract():
+    x = torch.tensor(1.0, requires_grad=True)
+    with pytest.raises(KeyError):
+        check_losses({"gmi": x.detach()})
+    with pytest.raises(ValueError):
+        check_losses({"loss": x, "gmi": x * 2})  # a log entry still attached to the graph
+    with pytest.raises(ValueError):
+        check_losses({"loss": torch.ones(2)})
