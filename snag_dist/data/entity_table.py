@@ -8,12 +8,17 @@ over the entities that have it (what GMNM's noise is drawn from).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from snag_dist.data.readers.features import FeatureSource
 from snag_dist.data.readers.source import SourceDataset
 from snag_dist.data.text import NameEncoder
+from snag_dist.errors import DataError
+
+TripleBlocks = Callable[[str], Iterator[np.ndarray]]  # split -> (B, 3) int64 blocks
 
 
 @dataclass
@@ -31,10 +36,11 @@ class Bag:
         return self.indptr[start:stop + 1] - a, self.indices[a:b], self.values[a:b]
 
 
-def relation_bag(ds: SourceDataset, topk: int, split: str = "train") -> Bag:
+def relation_bag(ds: SourceDataset, topk: int, split: str = "train", triples: TripleBlocks | None = None) -> Bag:
     """Bag of the ``topk`` most frequent relations per entity, counted over ``split`` triples."""
+    triples = triples or ds.iter_triples
     freq = np.zeros(ds.num_relations, dtype=np.int64)
-    for block in ds.iter_triples(split):
+    for block in triples(split):
         freq += np.bincount(block[:, 1], minlength=ds.num_relations)
     # Stable order: by count desc, then id — the same column layout every time.
     top = np.lexsort((np.arange(ds.num_relations), -freq))[: min(topk, ds.num_relations)]
@@ -42,7 +48,7 @@ def relation_bag(ds: SourceDataset, topk: int, split: str = "train") -> Bag:
     column = np.full(ds.num_relations, -1, dtype=np.int64)
     column[top] = np.arange(len(top))
     keys = []
-    for block in ds.iter_triples(split):
+    for block in triples(split):
         col = column[block[:, 1]]
         keep = col >= 0
         k = len(top)
@@ -65,11 +71,14 @@ class Moments:
         self.s = np.zeros(dim, dtype=np.float64)
         self.ss = np.zeros(dim, dtype=np.float64)
 
-    def add_dense(self, x: np.ndarray) -> None:
-        x64 = x.astype(np.float64)
-        self.n += len(x)
-        self.s += x64.sum(0)
-        self.ss += (x64 * x64).sum(0)
+    def add_dense(self, x: np.ndarray, count: int) -> None:
+        """``x``: (n, D) rows, zero where an entity lacks the modality; ``count``: rows that have it."""
+        x32 = np.asarray(x, dtype=np.float32)
+        self.n += count
+        self.s += x32.sum(0, dtype=np.float64)
+        # float32 products per chunk, accumulated in float64 across chunks: 5x faster than float64
+        # throughout, and the error (~1e-6 relative) is far below what a noise scale needs.
+        self.ss += np.einsum("ij,ij->j", x32, x32)
 
     def add_bag(self, indptr: np.ndarray, idx: np.ndarray, val: np.ndarray) -> None:
         dim = len(self.s)
@@ -97,12 +106,13 @@ class ModalityColumn:
 class EntityTable:
     """All modalities of a dataset, readable by id range."""
 
-    def __init__(self, ds: SourceDataset, relation_topk: int, text: str, dtype: str = "float16") -> None:
+    def __init__(self, ds: SourceDataset, relation_topk: int, text: str, dtype: str = "float16",
+                 triples: TripleBlocks | None = None) -> None:
         self.ds = ds
         self.columns: list[ModalityColumn] = []
         self.bags: dict[str, Bag] = {}
         if relation_topk > 0:
-            bag = relation_bag(ds, relation_topk)
+            bag = relation_bag(ds, relation_topk, triples=triples)
             if bag.dim > 0:
                 self.bags["relation"] = bag
                 self.columns.append(ModalityColumn("relation", "bag", bag.dim, "float32", "triples"))
@@ -129,12 +139,32 @@ class EntityTable:
                 out[col.name] = csr
                 continue
             if col.name == "name" and self.encoder is not None:
-                values = self.encoder.encode(self.ds.names[start:stop])
+                values = np.array(self.encoder.encode(self.ds.names[start:stop]), dtype=col.dtype)
                 present = np.array([bool(s) for s in self.ds.names[start:stop]])
             else:
-                values, present = self.ds.features[col.name].rows(start, stop)
-            values = np.where(present[:, None], values, 0.0).astype(col.dtype)
+                values, present = read_rows(self.ds.features[col.name], start, stop, col.dtype)
+            if not present.all():
+                values[~present] = 0
             mask[:, j] = present
-            self.moments[col.name].add_dense(values[present].astype(np.float32))
+            self.moments[col.name].add_dense(values, int(present.sum()))
             out[col.name] = values
         return out, mask
+
+
+def read_rows(feat: FeatureSource, start: int, stop: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [start, stop) as a fresh ``dtype`` array, presence) of a feature table.
+
+    A memory-mapped ``.npy`` is read with plain file reads: every page read through a mapping stays
+    in this process's RSS until the mapping closes, so reading 1M entities x 768 float16 dims of
+    features through it would alone hold 1.5 GiB.
+    """
+    table = feat.table
+    if isinstance(table, np.memmap) and table.ndim == 2 and table.flags.c_contiguous:
+        dim = table.shape[1]
+        rows = np.fromfile(table.filename, dtype=table.dtype, count=(stop - start) * dim,
+                           offset=table.offset + start * dim * table.dtype.itemsize).reshape(-1, dim)
+        if len(rows) != stop - start:
+            raise DataError(f"{feat.path}: file ends before entity {start + len(rows)}")
+    else:
+        rows = np.array(table[start:stop])
+    return rows.astype(dtype, copy=False), feat.present[start:stop]

@@ -1,8 +1,10 @@
 """``snag-dist prepare``: a raw dataset -> verified WebDataset shards + manifest, written once.
 
-Out of core: entities are read and written one shard-sized id range at a time, triples block by
-block. Everything goes to a temp directory beside OUT_DIR that is renamed at the end, so a failed
-or interrupted prepare never leaves an OUT_DIR behind.
+Out of core: entities are read and written one shard-sized id range at a time (a shard holds
+samples of ``entity_block`` consecutive entities, see ``records``), triples block by block. Each
+triple split is parsed from text once into a binary scratch file that the later passes (relation
+bag, counts, shards) re-read. Everything goes to a temp directory beside OUT_DIR that is renamed at
+the end, so a failed or interrupted prepare never leaves an OUT_DIR behind.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from snag_dist.data.manifest import (
     write_json_atomic,
 )
 from snag_dist.data.readers import SourceDataset, read_dataset
-from snag_dist.data.records import Column, EntityLayout
+from snag_dist.data.records import MEMBER, Column, Csr, EntityBlock, EntityLayout
 from snag_dist.data.text import TEXT_ENCODERS
 from snag_dist.errors import ConfigError, DataError
 
@@ -44,6 +46,7 @@ _MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 @dataclass(frozen=True)
 class PrepareOptions:
     shard_size: int = 16384  # entities per entity shard
+    entity_block: int = 256  # entities per entity-shard sample (the unit of tar members and of decoding)
     block_size: int = 8192  # triples / links per sample
     min_shards: int = 4  # every split gets at least this many shards (ranks x workers) when it can
     relation_topk: int = 1000  # relation-bag modality size (0 = no relation modality)
@@ -57,7 +60,8 @@ class PrepareOptions:
 
     def validate(self) -> None:
         checks = [
-            ("shard_size", self.shard_size >= 1), ("block_size", self.block_size >= 1),
+            ("shard_size", self.shard_size >= 1), ("entity_block", self.entity_block >= 1),
+            ("block_size", self.block_size >= 1),
             ("min_shards", self.min_shards >= 1), ("relation_topk", self.relation_topk >= 0),
             ("text", self.text in TEXT_ENCODERS), ("dtype", self.dtype in ("float16", "float32")),
             ("train_ratio", 0.0 < self.train_ratio <= 1.0), ("valid_ratio", 0.0 <= self.valid_ratio < 1.0),
@@ -93,18 +97,16 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _entity_samples(table: EntityTable, layout: EntityLayout, start: int, stop: int) -> Iterator[dict]:
+def _entity_samples(table: EntityTable, layout: EntityLayout, start: int, stop: int,
+                    block: int) -> Iterator[dict]:
+    """Samples of ``block`` consecutive entities each, cut from one columnar chunk."""
     cols, mask = table.chunk(start, stop)
-    kg = table.ds.kg[start:stop].tolist()
-    for i in range(stop - start):
-        parts = {}
-        for col in table.columns:
-            if col.kind == "bag":
-                ptr, idx, val = cols[col.name]
-                parts[col.name] = (idx[ptr[i]:ptr[i + 1]], val[ptr[i]:ptr[i + 1]])
-            else:
-                parts[col.name] = cols[col.name][i]
-        yield {"__key__": f"{start + i:010d}", "rec": layout.encode(kg[i], mask[i], parts)}
+    dense = {c.name: cols[c.name] for c in table.columns if c.kind == "dense"}
+    bags = {c.name: Csr(*cols[c.name]) for c in table.columns if c.kind == "bag"}
+    chunk = EntityBlock(np.arange(start, stop), table.ds.kg[start:stop], mask, dense, bags)
+    for a in range(0, stop - start, block):
+        part = chunk.slice(a, min(a + block, stop - start))
+        yield {"__key__": f"{start + a:010d}", MEMBER: layout.encode(part)}
 
 
 def _write_entities(table: EntityTable, out: Path, opts: PrepareOptions, progress) -> ShardSink:
@@ -114,9 +116,35 @@ def _write_entities(table: EntityTable, out: Path, opts: PrepareOptions, progres
     layout = EntityLayout(tuple(Column(c.name, c.kind, c.dim, np.dtype(c.dtype)) for c in table.columns))
     for start in range(0, n, size):
         stop = min(n, start + size)
-        sink.write(_entity_samples(table, layout, start, stop), stop - start, start, stop - 1)
+        sink.write(_entity_samples(table, layout, start, stop, opts.entity_block), stop - start, start, stop - 1)
         progress(stop - start)
     return sink
+
+
+class TripleCache:
+    """Each triple split parsed from text once into a raw little-endian int64 (rows, 3) file.
+
+    Prepare reads the train split four times (relation frequencies, relation bag, count, shards);
+    text parsing is ~20x slower than reading the binary file back.
+    """
+
+    def __init__(self, ds: SourceDataset, folder: Path, block_rows: int = 1 << 20) -> None:
+        self.folder, self.block_rows = folder, block_rows
+        self.rows: dict[str, int] = {}
+        folder.mkdir()
+        for split in ds.splits():
+            with open(folder / f"{split}.i64", "wb") as fh:
+                self.rows[split] = 0
+                for block in ds.iter_triples(split):
+                    fh.write(np.ascontiguousarray(block, dtype="<i8").tobytes())
+                    self.rows[split] += len(block)
+
+    def blocks(self, split: str) -> Iterator[np.ndarray]:
+        if split not in self.rows:
+            return
+        with open(self.folder / f"{split}.i64", "rb") as fh:
+            while (flat := np.fromfile(fh, dtype="<i8", count=3 * self.block_rows)).size:
+                yield flat.reshape(-1, 3).astype(np.int64, copy=False)
 
 
 def _reblock(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -152,10 +180,6 @@ def _write_rows(out: Path, group: str, blocks: Iterator[np.ndarray], total: int,
     return sink
 
 
-def _count_rows(ds: SourceDataset, split: str) -> int:
-    return sum(len(b) for b in ds.iter_triples(split))
-
-
 def _modalities(table: EntityTable, n: int, out: Path) -> tuple[dict[str, ModalityInfo], dict[str, np.ndarray]]:
     infos, stats = {}, {}
     for col in table.columns:
@@ -175,17 +199,19 @@ def _check_modality_names(ds: SourceDataset) -> None:
 
 
 def _write_all(ds: SourceDataset, out: Path, opts: PrepareOptions, progress) -> Manifest:
-    table = EntityTable(ds, opts.relation_topk, opts.text, opts.dtype)
+    cache = TripleCache(ds, out / ".triples")
+    table = EntityTable(ds, opts.relation_topk, opts.text, opts.dtype, triples=cache.blocks)
     shards = {"entities": _write_entities(table, out, opts, progress).infos}
     counts: dict = {"entities": ds.num_entities, "relations": ds.num_relations,
                     "kgs": int(ds.kg.max()) + 1, "triples": {}, "links": {}}
     for split in ds.splits():
-        total = _count_rows(ds, split)
+        total = cache.rows[split]
         if total == 0:
             raise DataError(f"{ds.root}: empty '{split}' triple split")
         counts["triples"][split] = total
-        shards[f"triples/{split}"] = _write_rows(out, f"triples/{split}", ds.iter_triples(split), total,
+        shards[f"triples/{split}"] = _write_rows(out, f"triples/{split}", cache.blocks(split), total,
                                                  "hrt.npy", opts).infos
+    shutil.rmtree(cache.folder)
     for split, pairs in ds.links.items():
         counts["links"][split] = len(pairs)
         if len(pairs):

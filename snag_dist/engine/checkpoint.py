@@ -44,7 +44,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], skeleton: dict[str, An
 
 
 def save_checkpoint(folder: Path, model_state: dict, optim_state: dict | None, state: dict, keep_last: int = 0,
-                    tag: str = "") -> Path:
+                    tag: str = "", rng: dict[str, torch.Tensor] | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / tag
     tmp = folder / f".{tag}.tmp-{os.getpid()}"
@@ -55,6 +55,8 @@ def save_checkpoint(folder: Path, model_state: dict, optim_state: dict | None, s
         tensors, skeleton = flatten_optimizer(optim_state)
         save_file(tensors, str(tmp / "optim.safetensors"))
         state = {**state, "optimizer": skeleton}
+    if rng:
+        save_file(_tensors(rng), str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
     if final.exists():
         shutil.rmtree(final)
@@ -69,6 +71,15 @@ def _prune(folder: Path, keep_last: int) -> None:
                    key=lambda p: int(p.name.split("_")[1]))
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def load_rng(path: Path) -> dict[str, torch.Tensor]:
+    """Every rank's RNG states saved with a checkpoint ({} when none)."""
+    file = path / "rng.safetensors"
+    try:
+        return load_file(str(file)) if file.is_file() else {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from None
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict | None, dict]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from snag_dist.config import EvalConfig, TrainConfig
 from snag_dist.engine.backend import Backend
-from snag_dist.engine.checkpoint import latest, load_checkpoint, save_checkpoint
+from snag_dist.engine.checkpoint import latest, load_checkpoint, load_rng, save_checkpoint
 from snag_dist.engine.optim import build_optimizer, warmup_cosine
 from snag_dist.errors import TrainingError
 from snag_dist.logging import MetricsLogger
@@ -84,12 +84,15 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _save(self, tag: str, with_optim: bool = True) -> None:
+        # Every rank's torch RNG (dropout) so a resumed run draws what the uninterrupted one did.
+        rng_all = self.backend.gather(torch.get_rng_state().to(self.backend.device)[None]).cpu()
         if not self.backend.is_main:
             return
         state = {"fit": self.state.__dict__, "scheduler": self.scheduler.state_dict()}
         optim = self.optimizer.state_dict() if with_optim else None
+        rng = {f"torch_cpu.rank{r}": rng_all[r] for r in range(rng_all.shape[0])}
         save_checkpoint(self.ckpt, self.backend.unwrap(self.module).state_dict(), optim, state,
-                        keep_last=self.cfg.keep_last if tag.startswith("epoch_") else 0, tag=tag)
+                        keep_last=self.cfg.keep_last if tag.startswith("epoch_") else 0, tag=tag, rng=rng)
 
     def resume(self) -> bool:
         path = latest(self.ckpt)
@@ -103,6 +106,9 @@ class Trainer:
         if optim is not None:
             self.optimizer.load_state_dict(optim)
         self.scheduler.load_state_dict(state["scheduler"])
+        rng = load_rng(path).get(f"torch_cpu.rank{self.backend.rank}")
+        if rng is not None:
+            torch.set_rng_state(rng)
         return True
 
     def _load_best(self) -> None:

@@ -8,7 +8,8 @@ close to everything:
 where r_tgt(x) is the mean cosine of x to its k nearest targets and r_src(y) the mean cosine of y to
 its k nearest sources. k = 0 means plain cosine.
 
-Memory is O(chunk x m) for n queries and m candidates: the n x m score matrix is never held.
+Memory is O(chunk x m) for n queries and m candidates, about 2.3 x chunk x m x 4 bytes (two
+float32 blocks, a bool mask and a small scratch); the n x m score matrix is never held.
 Exact ranks without it take two passes over row chunks of the cosine matrix:
   pass 1 (hubness): r_tgt from each chunk's row top-k, r_src from a running column top-k;
   pass 2 (ranks):   per query, count the candidates that score strictly above the gold one.

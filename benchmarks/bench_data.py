@@ -1,0 +1,221 @@
+"""Does the data path meet its targets: prepare of a 1M-entity MMKG in <= 2 GiB, streaming >= 200 MB/s?
+
+For each size (default 100K and 1M entities, ~5 triples per entity, synth's default modalities
+image/name/attribute plus the relation bag prepare derives: 4 modalities) it measures
+
+- ``synth`` wall time (in process);
+- ``prepare`` in a subprocess (``python -m snag_dist prepare SRC OUT --quiet``): wall time,
+  entities/s, MB/s of shards written and the child's own peak RSS (``os.wait4``);
+- streaming per process: MB/s of shard bytes and entities/s through ``EntityStream`` (in order and
+  shuffled) with 0 DataLoader workers and with 2 workers (the ratio 2 vs 0 is printed: this
+  machine has 2 cores, and the consumer shares them), and rows/s through ``RowStream`` for
+  ``triples/train``;
+- ``FeatureStore.open`` build time and random-id ``lookup`` throughput.
+
+Stream, lookup and prepare figures are medians of ``--repeats`` runs (shards are read from the page
+cache: the files were just written and fit in RAM). A table is printed and a markdown section with
+the command, machine and date is appended to ``benchmarks/RESULTS.md``. Outputs go to ``--workdir``
+(1M entities: ~2.5 GB of raw data + shards) and are deleted at the end unless ``--keep``.
+
+    .venv/bin/python benchmarks/bench_data.py                       # 100K and 1M, the targets
+    .venv/bin/python benchmarks/bench_data.py --sizes 100K --repeats 1 --no-results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from snag_dist.data.manifest import load_manifest
+from snag_dist.data.store import FeatureStore
+from snag_dist.data.stream import EntityStream, RowStream, StreamConfig, make_loader
+from snag_dist.data.synth import SynthOptions, synth
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+MB = 1e6
+GIB = 2**30
+RSS_TARGET = 2 * GIB
+STREAM_TARGET_MB_S = 200.0
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1_000, "M": 1_000_000}.get(text[-1:], 1)
+    return int(float(text.rstrip("KM")) * scale)
+
+
+def median_of(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def run_prepare(src: Path, out: Path) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one ``snag-dist prepare`` child process."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "snag_dist", "prepare", str(src), str(out), "--quiet"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage, not every child's maximum
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"prepare failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return wall, usage.ru_maxrss * 1024  # Linux: kilobytes
+
+
+def group_bytes(root: Path, prefix: str) -> int:
+    manifest = load_manifest(root)
+    return sum(s.bytes for g, v in manifest.shards.items() if g.startswith(prefix) for s in v)
+
+
+def time_entities(root: Path, workers: int, shuffle: int, batch: int) -> float:
+    stream = EntityStream(root, StreamConfig(shuffle_buffer=shuffle, batch_size=batch))
+    start, seen = time.perf_counter(), 0
+    for out in make_loader(stream, workers):
+        seen += len(out["ids"])
+    elapsed = time.perf_counter() - start
+    assert seen == stream.manifest.num_entities, (seen, stream.manifest.num_entities)
+    return elapsed
+
+
+def time_rows(root: Path, workers: int, shuffle: int, batch: int) -> float:
+    stream = RowStream(root, "triples/train", StreamConfig(shuffle_buffer=shuffle, batch_size=batch))
+    start, seen = time.perf_counter(), 0
+    for rows in make_loader(stream, workers):
+        seen += len(rows)
+    elapsed = time.perf_counter() - start
+    assert seen == stream.manifest.counts["triples"]["train"]
+    return elapsed
+
+
+def time_store(root: Path, store_dir: Path) -> float:
+    shutil.rmtree(store_dir, ignore_errors=True)
+    start = time.perf_counter()
+    FeatureStore.open(root, store_dir)
+    return time.perf_counter() - start
+
+
+def time_lookups(store: FeatureStore, batch: int, batches: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(store.start, store.stop, size=(batches, batch))
+    start = time.perf_counter()
+    for row in ids:
+        store.lookup(row)
+    return time.perf_counter() - start
+
+
+def bench_size(n: int, args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    """Rows (what, value, note) for one size."""
+    work = Path(args.workdir) / f"n{n}"
+    src, out, store_dir = work / "raw", work / "shards", work / "store"
+    rows: list[tuple[str, str, str]] = []
+    triples = args.triples_per_entity * n
+    if args.reuse and (src / "synth.json").is_file():
+        rows.append(("synth", "reused", f"{src}"))
+    else:
+        shutil.rmtree(src, ignore_errors=True)
+        start = time.perf_counter()
+        counts = synth(src, SynthOptions(entities=n, triples=triples, seed=args.seed))
+        rows.append(("synth", f"{time.perf_counter() - start:.1f} s", f"{counts['triples']:,} triples"))
+    runs = [run_prepare(src, out) for _ in range(args.repeats)]
+    wall, rss = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
+    ent_bytes, tri_bytes = group_bytes(out, "entities"), group_bytes(out, "triples/train")
+    total = group_bytes(out, "")
+    manifest = load_manifest(out)
+    ok = "meets" if rss <= RSS_TARGET else "MISSES"
+    rows += [
+        ("prepare wall", f"{wall:.1f} s", f"median of {len(runs)}: {', '.join(f'{r[0]:.1f}' for r in runs)}"),
+        ("prepare entities/s", f"{n / wall:,.0f}", f"{len(manifest.modalities)} modalities"),
+        ("prepare MB/s written", f"{total / MB / wall:.0f}", f"{total / MB:,.0f} MB of shards"),
+        ("prepare peak RSS", f"{rss / GIB:.2f} GiB", f"{ok} <= 2 GiB (max of {len(runs)})"),
+    ]
+    batch = args.batch_size
+    for label, shuffle in (("in order", 0), (f"shuffle {args.shuffle}", args.shuffle)):
+        base = None
+        for workers in (0, 2):
+            t = median_of(lambda w=workers, s=shuffle: time_entities(out, w, s, batch), args.repeats)
+            mb_s = ent_bytes / MB / t
+            per_proc = mb_s / max(workers, 1)
+            note = f"{n / t:,.0f} entities/s"
+            if workers == 0:
+                base = mb_s
+                note += f"; {'meets' if mb_s >= STREAM_TARGET_MB_S else 'MISSES'} >= 200 MB/s/process"
+            else:
+                note += f"; {per_proc:.0f} MB/s per worker; 2 vs 0 workers: {mb_s / base:.2f}x"
+            rows.append((f"EntityStream {label}, {workers} workers", f"{mb_s:.0f} MB/s", note))
+    n_tri = manifest.counts["triples"]["train"]
+    for workers in (0, 2):
+        t = median_of(lambda w=workers: time_rows(out, w, args.shuffle // 8, 65536), args.repeats)
+        rows.append((f"RowStream triples/train, {workers} workers", f"{tri_bytes / MB / t:.0f} MB/s",
+                     f"{n_tri / t:,.0f} triples/s (batch 65536)"))
+    builds = [time_store(out, store_dir) for _ in range(args.repeats)]
+    rows.append(("FeatureStore.open build", f"{statistics.median(builds):.2f} s",
+                 f"{n / statistics.median(builds):,.0f} entities/s"))
+    store = FeatureStore.open(out, store_dir)
+    time_lookups(store, batch, 5, args.seed)  # warm the page cache of the store files
+    t = median_of(lambda: time_lookups(store, batch, args.lookup_batches, args.seed), args.repeats)
+    out_bytes = sum(4 * c.dim for c in store.layout.columns) * batch * args.lookup_batches
+    rows.append(("FeatureStore.lookup", f"{batch * args.lookup_batches / t:,.0f} entities/s",
+                 f"random ids, batch {batch}; {out_bytes / MB / t:.0f} MB/s of float32 out"))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    return f"nproc {os.cpu_count()}, {mem:.0f} GiB RAM, processor '{platform.processor()}', Python {platform.python_version()}"
+
+
+def render(results: dict[str, list[tuple[str, str, str]]]) -> str:
+    lines = ["| size | what | value | note |", "|---|---|---|---|"]
+    for size, rows in results.items():
+        lines += [f"| {size} | {what} | {value} | {note} |" for what, value, note in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["100K", "1M"], help="entity counts, e.g. 100K 1M")
+    parser.add_argument("--triples-per-entity", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="median over this many runs")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--shuffle", type=int, default=4096, help="shuffle_buffer of the shuffled stream")
+    parser.add_argument("--lookup-batches", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default="/tmp/snag-bench-data")
+    parser.add_argument("--reuse", action="store_true", help="reuse synth output left by --keep")
+    parser.add_argument("--keep", action="store_true", help="keep the synth data and shards")
+    parser.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    results = {}
+    for size in args.sizes:
+        results[size] = bench_size(parse_size(size), args)
+        print(f"\n{size} entities")
+        for what, value, note in results[size]:
+            print(f"  {what:<40} {value:>20}  {note}")
+    if args.no_results:
+        return
+    command = " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)"), ".venv/bin/python",
+                        "benchmarks/bench_data.py", *sys.argv[1:]])
+    if not RESULTS.exists():
+        RESULTS.write_text("# snag-dist benchmark results\n")
+    section = (f"\n## Data path (bench_data.py), {dt.date.today().isoformat()}\n\n"
+               f"Command: `{command}`  \nMachine: {machine()}\n\n{render(results)}\n")
+    with open(RESULTS, "a") as fh:
+        fh.write(section)
+    print(f"\nappended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Checkpoints: safetensors round trip, resume continues exactly, bad checkpoints give clear errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from snag_dist.cli import main
+from snag_dist.config import load_config
+from snag_dist.engine.checkpoint import flatten_optimizer, load_checkpoint, save_checkpoint, unflatten_optimizer
+from snag_dist.engine.run import train
+from snag_dist.errors import CheckpointError
+from tests.tasks.test_alignment_task import sample_shards  # noqa: F401  (module-scoped fixture)
+
+
+def test_optimizer_state_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, skeleton = flatten_optimizer(opt.state_dict())
+    path = save_checkpoint(tmp_path, model.state_dict(), opt.state_dict(), {"x": 1}, tag="t")
+    m, o, s = load_checkpoint(path)
+    assert s["x"] == 1 and torch.equal(m["weight"], model.weight)
+    restored = unflatten_optimizer(tensors, skeleton)
+    assert torch.equal(restored["state"][0]["exp_avg"], o["state"][0]["exp_avg"])
+    opt.load_state_dict(o)
+
+
+def test_corrupt_or_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="missing or incomplete"):
+        load_checkpoint(tmp_path / "nope")
+    path = save_checkpoint(tmp_path, {"w": torch.ones(2)}, None, {}, tag="t")
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+
+
+def test_resume_from_epoch_checkpoint_is_exact(sample_shards, tmp_path):  # noqa: F811
+    over = [f"data.shards={sample_shards}", "model.modalities=[structure,relation]", "train.epochs=6",
+            "train.eval_every=2", "train.checkpoint_every=3", "train.keep_last=5", "train.batch_size=256", "model.hidden=64"]
+    cfg = load_config("quickstart", over)
+    full = tmp_path / "full"
+    train(cfg, full, progress=False)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "epoch_6")  # as if killed after epoch 3's checkpoint
+    train(cfg, part, resume=True, progress=False)
+    a = load_file(str(full / "checkpoints" / "epoch_6" / "model.safetensors"))
+    b = load_file(str(part / "checkpoints" / "epoch_6" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_eval_of_non_run_folder_is_one_line_error(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "not a run folder" in err and len(err.splitlines()) == 1
+
+
+def test_nan_loss_is_a_clear_error(sample_shards, tmp_path, capsys):  # noqa: F811
+    assert main(["train", "--config", "quickstart", "--shards", str(sample_shards), "--out", str(tmp_path / "r"),
+                 "--set", "train.lr=1e30", "--set", "train.grad_clip=0", "--set", "train.epochs=4",
+                 "--set", "model.modalities=[structure,relation]", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "non-finite loss" in err and len(err.splitlines()) == 1
