@@ -56,4 +56,20 @@ def _add_eval(sub) -> None:
     p.set_defaults(fn=_cmd_eval)
 
 
-REGISTER: list[Callable] = [_add_train, _add_eval]
+def _cmd_export(args: argparse.Namespace) -> int:
+    from snag_dist.export import export_run
+
+    out = export_run(args.run_dir, args.out, args.checkpoint)
+    print(f"wrote {out}/embeddings.safetensors and embeddings.json")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="entity embeddings of a run as safetensors + JSON")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.add_argument("--checkpoint", default="best", help="checkpoint folder name under RUN/checkpoints")
+    p.set_defaults(fn=_cmd_export)
+
+
+REGISTER: list[Callable] = [_add_train, _add_eval, _add_export]

@@ -4,13 +4,16 @@ Layout of a shard directory written by ``snag-dist prepare``::
 
     manifest.json              this file (schema_version, counts, modalities, shards, sources, options)
     stats.safetensors          per-modality, per-dimension mean/std (GMNM draws its noise from them)
-    entities/entities-NNNNNN.tar   one sample per entity (ids ascending; first/last id in the manifest)
+    entities/entities-NNNNNN.tar   samples of consecutive entities ("ents", see records.py; id range in the manifest)
     triples/{train,valid,test}-NNNNNN.tar   blocks of (head, relation, tail) int64 rows ("hrt.npy")
     links/{train,valid,test}-NNNNNN.tar     blocks of (left, right) int64 rows ("pairs.npy"), alignment only
 
-Entity sample members (raw little-endian bytes; dtype and dim from the manifest): ``kg`` (uint8),
-``mask`` (uint8 per modality, manifest order), dense ``<m>.f16``/``<m>.f32`` (dim values),
-bag ``<m>.idx`` (int32 column ids) + ``<m>.val`` (float32 counts).
+An entity sample is one ``ents`` member: a block of ``entity_block`` consecutive entities stored
+column by column (kg, per-modality mask, dense features in the manifest's dtype, relation-style
+bags as CSR rows); ``records.py`` has the byte layout. ``ShardInfo.samples`` counts blocks and
+``ShardInfo.rows`` entities, triples or links.
+
+Schema versions: 2 = entity blocks (1 held one sample per entity; re-run ``prepare`` for those).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 from snag_dist.errors import DataError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 STATS = "stats.safetensors"
 
@@ -120,7 +123,8 @@ def load_manifest(root: str | Path) -> Manifest:
         raise DataError(f"{path}: corrupt JSON ({exc.msg} at line {exc.lineno})") from None
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise DataError(f"{path}: schema_version {version!r} not supported (expected {SCHEMA_VERSION})")
+        raise DataError(f"{path}: schema_version {version!r} not supported (expected {SCHEMA_VERSION}; "
+                        "re-run `snag-dist prepare`)")
     try:
         return Manifest.from_json(data)
     except (TypeError, KeyError) as exc:

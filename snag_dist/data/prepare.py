@@ -148,15 +148,22 @@ class TripleCache:
 
 
 def _reblock(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Rows re-cut into fresh arrays of ``size`` rows (the last may be shorter).
+
+    Each output is its own copy: a view would pin the whole (up to 1M-row) input block, and a shard
+    holds ~100 outputs before it is written.
+    """
     pending: list[np.ndarray] = []
     held = 0
     for block in blocks:
-        pending.append(block)
-        held += len(block)
-        while held >= size:
-            joined = np.concatenate(pending)
-            yield joined[:size]
-            pending, held = [joined[size:]], held - size
+        pos = 0
+        while pos < len(block):
+            take = min(size - held, len(block) - pos)
+            pending.append(block[pos:pos + take])
+            held, pos = held + take, pos + take
+            if held == size:
+                yield np.concatenate(pending)
+                pending, held = [], 0
     if held:
         yield np.concatenate(pending)
 

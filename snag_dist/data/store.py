@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from snag_dist.data.manifest import Manifest, load_manifest, sha256_file
-from snag_dist.data.records import EntityLayout
+from snag_dist.data.records import MEMBER, Csr, EntityBlock, EntityLayout, cast_into
 from snag_dist.errors import DataError
 
 STORE_VERSION = 1
@@ -41,7 +42,8 @@ class _Bag:
     dim: int
 
 
-def _iter_records(root: Path, manifest: Manifest, start: int, stop: int):
+def _iter_blocks(root: Path, manifest: Manifest, start: int, stop: int) -> Iterator[EntityBlock]:
+    """Entity blocks overlapping ids [start, stop), cut to that range."""
     layout = EntityLayout.from_manifest(manifest)
     for info in manifest.shards["entities"]:
         if info.last_id < start or info.first_id >= stop:
@@ -50,42 +52,66 @@ def _iter_records(root: Path, manifest: Manifest, start: int, stop: int):
         try:
             with tarfile.open(path, "r:") as tar:
                 for member in tar:
-                    eid = int(member.name.split(".", 1)[0])
-                    if start <= eid < stop:
-                        yield eid, layout.decode(tar.extractfile(member).read(), member.name)
+                    if not member.name.endswith(f".{MEMBER}"):
+                        raise DataError(f"corrupt shard {path}: unexpected member {member.name}")
+                    block = layout.decode(tar.extractfile(member).read(), f"{path}: {member.name}")
+                    if len(block) and block.ids[0] < stop and block.ids[-1] >= start:
+                        a, b = np.searchsorted(block.ids, [start, stop])
+                        yield block.slice(int(a), int(b))
         except (tarfile.TarError, OSError, ValueError) as exc:
             raise DataError(f"corrupt shard {path}: {exc}") from None
+
+
+class _NpyAppender:
+    """A ``.npy`` file written front to back: header for the final shape, then rows appended.
+
+    Plain writes, not ``open_memmap``: pages written through a mapping count in this process's RSS,
+    so filling a 1M-entity store that way would hold its whole 1.5 GiB of features.
+    """
+
+    def __init__(self, path: Path, dtype, shape: tuple[int, ...]) -> None:
+        self.fh = open(path, "wb")
+        self.dtype = np.dtype(dtype)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.fh, header)
+
+    def append(self, rows: np.ndarray) -> None:
+        self.fh.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def _build(root: Path, manifest: Manifest, start: int, stop: int, tmp: Path) -> None:
     n = stop - start
     layout = EntityLayout.from_manifest(manifest)
-    m = len(layout.columns)
-    kg = np.lib.format.open_memmap(tmp / "kg.npy", "w+", np.uint8, (n,))
-    mask = np.lib.format.open_memmap(tmp / "mask.npy", "w+", np.bool_, (n, m))
-    dense = {c.name: np.lib.format.open_memmap(tmp / f"{c.name}.npy", "w+", c.dtype, (n, c.dim))
-             for c in layout.columns if c.kind == "dense"}
-    bag_rows: dict[str, list] = {c.name: [None] * n for c in layout.bags}
-    seen = np.zeros(n, dtype=bool)
-    for eid, (k, msk, parts) in _iter_records(root, manifest, start, stop):
-        i = eid - start
-        kg[i], mask[i], seen[i] = k, msk, True
-        for name, value in parts.items():
-            if name in dense:
-                dense[name][i] = value
-            else:
-                bag_rows[name][i] = value
-    if not seen.all():
-        raise DataError(f"{root}: entity shards miss entity id {start + int(np.argmin(seen))}")
+    files = {"kg": _NpyAppender(tmp / "kg.npy", np.uint8, (n,)),
+             "mask": _NpyAppender(tmp / "mask.npy", np.bool_, (n, len(layout.columns)))}
+    files.update({c.name: _NpyAppender(tmp / f"{c.name}.npy", c.dtype, (n, c.dim))
+                  for c in layout.columns if c.kind == "dense"})
+    bags: dict[str, list[Csr]] = {c.name: [] for c in layout.bags}
+    next_id = start
+    try:
+        for block in _iter_blocks(root, manifest, start, stop):
+            if block.ids[0] != next_id:  # shards and blocks hold ascending ids; a gap is a missing entity
+                break
+            next_id += len(block)
+            files["kg"].append(block.kg)
+            files["mask"].append(block.mask)
+            for name, values in block.dense.items():
+                files[name].append(values)
+            for name, csr in block.bags.items():
+                bags[name].append(Csr(csr.indptr, csr.indices.copy(), csr.values.copy()))
+    finally:
+        for fh in files.values():
+            fh.close()
+    if next_id != stop:
+        raise DataError(f"{root}: entity shards miss entity id {next_id}")
     for c in layout.bags:
-        rows = bag_rows.pop(c.name)
-        indptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum([len(r[0]) for r in rows], out=indptr[1:])
-        np.save(tmp / f"{c.name}.indptr.npy", indptr)
-        np.save(tmp / f"{c.name}.indices.npy", np.concatenate([r[0] for r in rows]).astype(np.int32))
-        np.save(tmp / f"{c.name}.values.npy", np.concatenate([r[1] for r in rows]).astype(np.float32))
-    for arr in (kg, mask, *dense.values()):
-        arr.flush()
+        bag = Csr.concat(bags.pop(c.name))
+        np.save(tmp / f"{c.name}.indptr.npy", bag.indptr)
+        np.save(tmp / f"{c.name}.indices.npy", bag.indices.astype(np.int32))
+        np.save(tmp / f"{c.name}.values.npy", bag.values.astype(np.float32))
 
 
 class FeatureStore:
@@ -146,7 +172,9 @@ class FeatureStore:
         feats = {}
         for c in self.layout.columns:
             if c.kind == "dense":
-                feats[c.name] = torch.from_numpy(np.asarray(self.dense[c.name][local], dtype=np.float32))
+                out = np.empty((len(local), c.dim), dtype=np.float32)
+                cast_into(out, self.dense[c.name][local])
+                feats[c.name] = torch.from_numpy(out)
             else:
                 feats[c.name] = torch.from_numpy(self._bag_rows(self.bags[c.name], local))
         return {"features": feats, "mask": torch.from_numpy(np.asarray(self.mask[local])),

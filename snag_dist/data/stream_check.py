@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from snag_dist.data.manifest import load_manifest

@@ -38,6 +38,7 @@ class SnagOutput:
     global_weights: torch.Tensor  # (M,) softmax of the learned global weights
     joint: torch.Tensor  # (E, M*H) normalised modality_emb, each times its per-entity weight
     joint_global: torch.Tensor  # (E, M*H) same with the global weights (the test embedding)
+    global_entity_weights: torch.Tensor  # (E, M) the global weights renormalised over present modalities
     present: torch.Tensor  # (E, M) bool
 
 
@@ -135,6 +136,7 @@ class MultiModalModel(nn.Module):
             global_weights=global_M,
             joint=(normed_EMH * fused.modality_weights[..., None]).reshape(num, -1),
             joint_global=(normed_EMH * global_EM[..., None]).reshape(num, -1),
+            global_entity_weights=global_EM,
             present=present_EM,
         )
 

@@ -20,6 +20,7 @@ neither as a positive nor as a negative.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,24 +46,53 @@ def _masked_columns(logits_bb: Tensor, drop_b: Tensor | None, diagonal: bool) ->
     return logits_bb.masked_fill(mask_bb, _MASKED)
 
 
-def contrastive_loss(
-    left_bd: Tensor, right_bd: Tensor, tau: float,
-    pair_weight_b: Tensor | None = None, valid_b: Tensor | None = None,
-) -> Tensor:
-    """In-batch InfoNCE both ways between aligned rows of left_bd and right_bd (B, D).
+@dataclass
+class Sims:
+    """Cosine similarities inside a batch of pairs: left x right, left x left, right x right (B, B)."""
 
-    pair_weight_b scales each pair's term; valid_b (bool) drops pairs entirely. The result is the
-    weighted sum over valid pairs divided by their number (0 when none is valid). Memory O(B^2).
-    """
+    ab: Tensor
+    aa: Tensor
+    bb: Tensor
+
+
+def similarities(left_bd: Tensor, right_bd: Tensor) -> Sims:
     left_bd = F.normalize(left_bd.float(), dim=1)
     right_bd = F.normalize(right_bd.float(), dim=1)
+    return Sims(left_bd @ right_bd.T, left_bd @ left_bd.T, right_bd @ right_bd.T)
+
+
+def joint_similarities(per_m: list[Sims], w_left_bm: Tensor, w_right_bm: Tensor,
+                       unit_left_bm: Tensor, unit_right_bm: Tensor) -> Sims:
+    """Cosines of the joint embeddings concat_m(w_m * n_m) from the per-modality cosines of n_m.
+
+    <joint_i, joint_j> = sum_m w_im w_jm <n_im, n_jm> and |joint_i|^2 = sum_m w_im^2 |n_im|^2, so
+    GMI needs no (B, B, M*H) products of its own: it reuses ECIA's per-modality matrices (same
+    result, 2 x 3 fewer B x B x M*H matmuls per step). ``unit_*`` is |n_m|^2 (1, or 0 for a zero row).
+    """
+    norm_l = (w_left_bm.pow(2) * unit_left_bm).sum(1).clamp_min(1e-24).sqrt()
+    norm_r = (w_right_bm.pow(2) * unit_right_bm).sum(1).clamp_min(1e-24).sqrt()
+    wl, wr = w_left_bm / norm_l[:, None], w_right_bm / norm_r[:, None]
+
+    def combine(mats: list[Tensor], a: Tensor, b: Tensor) -> Tensor:
+        out = None
+        for m, mat in enumerate(mats):
+            term = mat * (a[:, m, None] * b[None, :, m])
+            out = term if out is None else out + term
+        return out
+
+    return Sims(combine([s.ab for s in per_m], wl, wr), combine([s.aa for s in per_m], wl, wl),
+                combine([s.bb for s in per_m], wr, wr))
+
+
+def info_nce(sims: Sims, tau: float, pair_weight_b: Tensor | None = None, valid_b: Tensor | None = None) -> Tensor:
+    """In-batch InfoNCE both ways from the batch's cosine similarities (see contrastive_loss)."""
     drop_b = None if valid_b is None else ~valid_b
-    ab = left_bd @ right_bd.T / tau  # (B, B): row i = left i against every right
+    ab = sims.ab / tau  # (B, B): row i = left i against every right
     pos_b = ab.diagonal()
     ab_masked = ab if drop_b is None else _masked_columns(ab, drop_b, diagonal=False)
     ba_masked = ab.T if drop_b is None else _masked_columns(ab.T, drop_b, diagonal=False)
-    aa = _masked_columns(left_bd @ left_bd.T / tau, drop_b, diagonal=True)
-    bb = _masked_columns(right_bd @ right_bd.T / tau, drop_b, diagonal=True)
+    aa = _masked_columns(sims.aa / tau, drop_b, diagonal=True)
+    bb = _masked_columns(sims.bb / tau, drop_b, diagonal=True)
     # log-sum-exp over [cross-KG | same-KG] without materialising the (B, 2B) concatenation.
     loss_a_b = torch.logaddexp(ab_masked.logsumexp(1), aa.logsumexp(1)) - pos_b
     loss_b_b = torch.logaddexp(ba_masked.logsumexp(1), bb.logsumexp(1)) - pos_b
@@ -72,6 +102,18 @@ def contrastive_loss(
         weight_b = weight_b * valid_b.float()
         return (weight_b * per_pair_b).sum() / valid_b.sum().clamp(min=1)
     return (weight_b * per_pair_b).mean()
+
+
+def contrastive_loss(
+    left_bd: Tensor, right_bd: Tensor, tau: float,
+    pair_weight_b: Tensor | None = None, valid_b: Tensor | None = None,
+) -> Tensor:
+    """In-batch InfoNCE both ways between aligned rows of left_bd and right_bd (B, D).
+
+    pair_weight_b scales each pair's term; valid_b (bool) drops pairs entirely. The result is the
+    weighted sum over valid pairs divided by their number (0 when none is valid). Memory O(B^2).
+    """
+    return info_nce(similarities(left_bd, right_bd), tau, pair_weight_b, valid_b)
 
 
 class UncertaintyWeighting(nn.Module):
@@ -115,27 +157,42 @@ class AlignmentLoss(nn.Module):
         pairs = pairs.to(out.joint.device, torch.long)
         zero = out.joint.new_zeros(())
         total, logs = zero, {"gmi": zero, "ecia": zero, "iir": zero}
+        need = self.cfg.gmi_weight > 0 or self.ecia is not None
+        emb_sims = self._modality_sims(out, pairs) if need else {}
         if self.cfg.gmi_weight > 0:
-            gmi = self._gmi(out, pairs)
+            gmi = self._gmi(out, pairs, emb_sims)
             total, logs["gmi"] = total + self.cfg.gmi_weight * gmi, gmi
         if self.ecia is not None:
-            ecia, per_m = self._per_modality(out.modality_emb, out, pairs, self.ecia, weighted=True)
+            ecia, per_m = self._per_modality(emb_sims, out, pairs, self.ecia, weighted=True)
             total, logs["ecia"] = total + self.cfg.ecia_weight * ecia, ecia
             logs.update({f"ecia/{m}": v for m, v in per_m.items()})
         if self.iir is not None:
-            iir, per_m = self._per_modality(out.hidden, out, pairs, self.iir, weighted=False)
+            hidden_sims = {m: similarities(out.hidden[m][pairs[:, 0]], out.hidden[m][pairs[:, 1]])
+                           for m in self.modalities if m in out.hidden and m in out.modalities}
+            iir, per_m = self._per_modality(hidden_sims, out, pairs, self.iir, weighted=False)
             total, logs["iir"] = total + self.cfg.iir_weight * iir, iir
             logs.update({f"iir/{m}": v for m, v in per_m.items()})
         return {"loss": total, **{k: v.detach() for k, v in logs.items()}}
 
-    def _gmi(self, out: Any, pairs: Tensor) -> Tensor:
+    @staticmethod
+    def _modality_sims(out: Any, pairs: Tensor) -> dict[str, Sims]:
+        """Per-modality cosine matrices of the encoder outputs: shared by ECIA and GMI."""
+        return {m: similarities(out.modality_emb[m][pairs[:, 0]], out.modality_emb[m][pairs[:, 1]])
+                for m in out.modalities}
+
+    def _gmi(self, out: Any, pairs: Tensor, sims: dict[str, Sims]) -> Tensor:
+        """Contrastive loss on the joint and the global-weight joint embeddings (from shared sims)."""
         left, right = pairs[:, 0], pairs[:, 1]
-        tau = self.cfg.tau
-        joint = contrastive_loss(out.joint[left], out.joint[right], tau)
-        return joint + contrastive_loss(out.joint_global[left], out.joint_global[right], tau)
+        per_m = [sims[m] for m in out.modalities]
+        unit = torch.stack([out.modality_emb[m].norm(dim=1).gt(0).float() for m in out.modalities], 1)
+        loss = out.joint.new_zeros(())
+        for w in (out.modality_weights, out.global_entity_weights):
+            joint = joint_similarities(per_m, w[left].float(), w[right].float(), unit[left], unit[right])
+            loss = loss + info_nce(joint, self.cfg.tau)
+        return loss
 
     def _per_modality(
-        self, emb: dict[str, Tensor], out: Any, pairs: Tensor, weighting: UncertaintyWeighting,
+        self, sims: dict[str, Sims], out: Any, pairs: Tensor, weighting: UncertaintyWeighting,
         weighted: bool,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Uncertainty-weighted sum of per-modality contrastive losses, and those losses."""
@@ -143,7 +200,7 @@ class AlignmentLoss(nn.Module):
         zero = out.joint.new_zeros(())
         losses, active, per_m = [], [], {}
         for m in self.modalities:
-            if m not in emb or m not in out.modalities:
+            if m not in sims or m not in out.modalities:
                 losses.append(zero)
                 active.append(zero)
                 continue
@@ -154,7 +211,7 @@ class AlignmentLoss(nn.Module):
                 # x M as in the reference: weights average 1/M, so this keeps ECIA on IIR's scale.
                 w_em = out.modality_weights.detach()
                 weight_b = torch.minimum(w_em[left, col], w_em[right, col]) * len(out.modalities)
-            loss = contrastive_loss(emb[m][left], emb[m][right], self.cfg.tau, weight_b, valid_b)
+            loss = info_nce(sims[m], self.cfg.tau, weight_b, valid_b)
             losses.append(loss)
             active.append(valid_b.any().to(loss.dtype))
             per_m[m] = loss

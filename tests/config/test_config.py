@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -70,6 +72,6 @@ def test_bad_yaml_file(tmp_path):
 
 def test_config_is_frozen():
     cfg = load_config("quickstart")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
     assert to_dict(cfg)["train"]["lr"] == cfg.train.lr

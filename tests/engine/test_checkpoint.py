@@ -10,7 +10,12 @@ from safetensors.torch import load_file
 
 from snag_dist.cli import main
 from snag_dist.config import load_config
-from snag_dist.engine.checkpoint import flatten_optimizer, load_checkpoint, save_checkpoint, unflatten_optimizer
+from snag_dist.engine.checkpoint import (
+    flatten_optimizer,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer,
+)
 from snag_dist.engine.run import train
 from snag_dist.errors import CheckpointError
 from tests.tasks.test_alignment_task import sample_shards  # noqa: F401  (module-scoped fixture)

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from model_helpers import make_cfg
 
 from snag_dist.errors import ConfigError
 from snag_dist.model import FUSIONS, ConcatFusion, TransformerFusion
 from snag_dist.model.fusion import build_fusion
+from tests.model.model_helpers import make_cfg
 
 E, M, H = 12, 4, 16
 

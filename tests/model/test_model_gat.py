@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from model_helpers import random_edges
 
 from snag_dist.errors import DataError
 from snag_dist.model import GAT, undirected_edges
 from snag_dist.model.gat import edge_softmax
+from tests.model.model_helpers import random_edges
 
 H = 8
 

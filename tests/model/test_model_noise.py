@@ -7,11 +7,11 @@ import math
 import pytest
 import safetensors.torch
 import torch
-from model_helpers import make_spec
 
 from snag_dist.config.schema import ModalityNoise, NoiseConfig
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.model import GaussModalityNoise, build_noise
+from tests.model.model_helpers import make_spec
 
 N, D = 20_000, 8
 

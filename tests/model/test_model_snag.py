@@ -6,11 +6,11 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from model_helpers import make_cfg, make_spec, make_toy
 
 from snag_dist.config.schema import ModalityNoise, NoiseConfig
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.model import ENCODERS, SNAG, build_snag
+from tests.model.model_helpers import make_cfg, make_spec, make_toy
 
 
 def run(model, toy, present=True):

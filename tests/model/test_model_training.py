@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import make_cfg, random_edges
 from torch import nn
 
 from snag_dist.config.schema import NoiseConfig
@@ -19,6 +18,7 @@ from snag_dist.model import (
     StructureEncoder,
     build_snag,
 )
+from tests.model.model_helpers import make_cfg, random_edges
 
 P = 48  # aligned pairs; entity p (left KG) matches p + P (right KG)
 DIMS = {"relation": 20, "image": 12}

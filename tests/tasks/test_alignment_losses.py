@@ -26,6 +26,7 @@ class FakeOut:
     joint: torch.Tensor  # (E, M*H)
     joint_global: torch.Tensor  # (E, M*H)
     present: torch.Tensor  # (E, M) bool
+    global_entity_weights: torch.Tensor  # (E, M)
     extra: dict = field(default_factory=dict)
 
 
@@ -43,9 +44,12 @@ def make_out(num_pairs: int = 6, hidden: int = 8, seed: int = 0, aligned: bool =
     emb = {m: table() for m in MODS}
     hid = {m: table() for m in MODS}
     weights = torch.softmax(torch.randn(2 * num_pairs, len(MODS), generator=gen), dim=1)
-    joint = torch.cat([emb[m] for m in MODS], dim=1)
+    global_w = torch.softmax(torch.randn(len(MODS), generator=gen), dim=0).expand(2 * num_pairs, -1)
+    # As the model defines them: concat of L2-normalised modality embeddings times their weights.
+    joint = torch.cat([F.normalize(emb[m], dim=1) * weights[:, i, None] for i, m in enumerate(MODS)], dim=1)
+    joint_g = torch.cat([F.normalize(emb[m], dim=1) * global_w[:, i, None] for i, m in enumerate(MODS)], dim=1)
     present = torch.ones(2 * num_pairs, len(MODS), dtype=torch.bool)
-    return FakeOut(list(MODS), emb, hid, weights, joint, joint * 0.5, present)
+    return FakeOut(list(MODS), emb, hid, weights, joint, joint_g, present, global_w)
 
 
 def pairs(num_pairs: int = 6) -> torch.Tensor:

@@ -36,6 +36,31 @@ def test_short_run_learns_structure_and_relations(sample_shards, tmp_path):
     assert {p.name for p in (run / "plots").iterdir()} >= {"losses.png", "metrics.png", "modality_weights.png"}
     again = evaluate_run(run, ("test",))
     assert again["test"]["hits@1"] == pytest.approx(test["hits@1"])
+    _check_export(run, tmp_path / "export", test, sample_shards)
+
+
+def _check_export(run, out, test_metrics, shards):
+    """The exported joint embeddings, read with plain safetensors/numpy, reproduce the test metrics."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+
+    from snag_dist.data.stream import read_all_rows
+    from snag_dist.eval.ranking import alignment_metrics
+    from snag_dist.export import export_run
+
+    export_run(run, out)
+    emb = load_file(str(out / "embeddings.safetensors"))
+    meta = json.loads((out / "embeddings.json").read_text())
+    n = emb["entity_ids"].shape[0]
+    assert meta["modalities"] == ["structure", "relation"]
+    assert emb["joint"].shape == (n, 2 * 128) and emb["modality.relation"].shape == (n, 128)
+    assert np.allclose(emb["modality_weights"].sum(1), 1.0, atol=1e-5)
+    links = read_all_rows(shards, "links/test")
+    ids = np.unique(links)
+    local = np.searchsorted(ids, links)
+    got = alignment_metrics(torch.from_numpy(emb["joint"][ids]), torch.from_numpy(local), 3, 4096)
+    assert got["hits@1"] == pytest.approx(test_metrics["hits@1"], abs=1e-9)
 
 
 def test_names_help_and_modality_can_be_dropped(sample_shards, tmp_path):

@@ -1,0 +1,67 @@
+"""``snag-dist export RUN_DIR OUT``: entity embeddings as safetensors + JSON, readable without snag_dist.
+
+``OUT/embeddings.safetensors``: ``joint`` (N, M*H) test embedding (global modality weights),
+``joint_attention`` (N, M*H) per-entity attention-weighted joint, ``modality.<m>`` (N, H) per
+modality, ``modality_weights`` (N, M), ``entity_ids`` (N,), ``kg`` (N,).
+``OUT/embeddings.json``: modality order, shapes, the run and its config. Load with
+``safetensors.numpy.load_file`` — no snag_dist needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from snag_dist.config import load_config, to_dict
+from snag_dist.engine.checkpoint import load_checkpoint
+from snag_dist.errors import CheckpointError, DataError
+from snag_dist.tasks.registry import TASKS
+
+
+@torch.no_grad()
+def _embed_all(module, chunk: int) -> dict[str, torch.Tensor]:
+    model, g = module.model, module.graph
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for a in range(0, len(g.ids), chunk):
+        out = model(g.ids, g.features, g.present, g.edge_index, out_index=g.ids[a:a + chunk])
+        rows = {"joint": out.joint_global, "joint_attention": out.joint, "modality_weights": out.modality_weights,
+                **{f"modality.{m}": out.modality_emb[m] for m in out.modalities}}
+        for key, value in rows.items():
+            parts.setdefault(key, []).append(value.float().cpu())
+    tensors = {k: torch.cat(v) for k, v in parts.items()}
+    tensors["entity_ids"] = g.ids.cpu()
+    tensors["kg"] = g.kg.cpu().to(torch.uint8)
+    return tensors
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"output directory {out} exists and is not empty")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    model_state, _, _ = load_checkpoint(run_dir / "checkpoints" / checkpoint)
+    task = TASKS.get(cfg.task.name)(cfg, 0, 1, torch.device("cpu"))
+    task.module.load_state_dict(model_state)
+    tensors = _embed_all(task.module, cfg.eval.chunk_size)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "embeddings.safetensors"))
+        meta = {"modalities": task.module.model.modalities, "shapes": {k: list(v.shape) for k, v in tensors.items()},
+                "run": str(run_dir.resolve()), "checkpoint": checkpoint, "config": to_dict(cfg)}
+        (tmp / "embeddings.json").write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
