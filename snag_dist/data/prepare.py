@@ -17,6 +17,7 @@ import re
 import shutil
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,15 +73,25 @@ class PrepareOptions:
 
 
 class ShardSink:
-    """Writes numbered tar shards of one group and records their ShardInfo."""
+    """Writes numbered tar shards of one group and records their ShardInfo.
 
-    def __init__(self, root: Path, group: str, prefix: str) -> None:
-        self.root, self.group, self.prefix = root, group, prefix
-        self.infos: list[ShardInfo] = []
+    Each shard's sha256 is computed on the ``hasher`` thread (hashlib releases the GIL) while the
+    next shard is built; ``infos`` waits for them.
+    """
+
+    def __init__(self, root: Path, group: str, prefix: str, hasher: Executor) -> None:
+        self.root, self.group, self.prefix, self.hasher = root, group, prefix, hasher
+        self._written: list[tuple[ShardInfo, Future]] = []
         (root / Path(prefix).parent).mkdir(parents=True, exist_ok=True)
 
+    @property
+    def infos(self) -> list[ShardInfo]:
+        for info, digest in self._written:
+            info.sha256 = digest.result()
+        return [info for info, _ in self._written]
+
     def write(self, samples: Iterator[dict], rows: int, first_id: int = -1, last_id: int = -1) -> None:
-        rel = f"{self.prefix}-{len(self.infos):06d}.tar"
+        rel = f"{self.prefix}-{len(self._written):06d}.tar"
         path = self.root / rel
         count = 0
         # USTAR + fixed mtime: no per-member PAX header (2x faster) and byte-identical reruns.
@@ -88,7 +99,8 @@ class ShardSink:
             for sample in samples:
                 sink.write(sample)
                 count += 1
-        self.infos.append(ShardInfo(rel, count, path.stat().st_size, sha256_file(path), rows, first_id, last_id))
+        info = ShardInfo(rel, count, path.stat().st_size, "", rows, first_id, last_id)
+        self._written.append((info, self.hasher.submit(sha256_file, path)))
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -109,10 +121,10 @@ def _entity_samples(table: EntityTable, layout: EntityLayout, start: int, stop: 
         yield {"__key__": f"{start + a:010d}", MEMBER: layout.encode(part)}
 
 
-def _write_entities(table: EntityTable, out: Path, opts: PrepareOptions, progress) -> ShardSink:
+def _write_entities(table: EntityTable, out: Path, opts: PrepareOptions, progress, hasher: Executor) -> ShardSink:
     n = table.ds.num_entities
     size = max(1, min(opts.shard_size, math.ceil(n / opts.min_shards)))
-    sink = ShardSink(out, "entities", "entities/entities")
+    sink = ShardSink(out, "entities", "entities/entities", hasher)
     layout = EntityLayout(tuple(Column(c.name, c.kind, c.dim, np.dtype(c.dtype)) for c in table.columns))
     for start in range(0, n, size):
         stop = min(n, start + size)
@@ -169,12 +181,12 @@ def _reblock(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
 
 
 def _write_rows(out: Path, group: str, blocks: Iterator[np.ndarray], total: int, member: str,
-                opts: PrepareOptions) -> ShardSink:
+                opts: PrepareOptions, hasher: Executor) -> ShardSink:
     """Blocks of rows -> shards; sized so a split of ``total`` rows gets >= min_shards shards."""
     per_shard = max(1, math.ceil(total / opts.min_shards))
     block = max(1, min(opts.block_size, per_shard))
     blocks_per_shard = max(1, per_shard // block)
-    sink = ShardSink(out, group, group)
+    sink = ShardSink(out, group, group, hasher)
     stream = _reblock(blocks, block)
     index = 0
     while True:
@@ -208,26 +220,30 @@ def _check_modality_names(ds: SourceDataset) -> None:
 def _write_all(ds: SourceDataset, out: Path, opts: PrepareOptions, progress) -> Manifest:
     cache = TripleCache(ds, out / ".triples")
     table = EntityTable(ds, opts.relation_topk, opts.text, opts.dtype, triples=cache.blocks)
-    shards = {"entities": _write_entities(table, out, opts, progress).infos}
     counts: dict = {"entities": ds.num_entities, "relations": ds.num_relations,
                     "kgs": int(ds.kg.max()) + 1, "triples": {}, "links": {}}
-    for split in ds.splits():
-        total = cache.rows[split]
-        if total == 0:
-            raise DataError(f"{ds.root}: empty '{split}' triple split")
-        counts["triples"][split] = total
-        shards[f"triples/{split}"] = _write_rows(out, f"triples/{split}", cache.blocks(split), total,
-                                                 "hrt.npy", opts).infos
-    shutil.rmtree(cache.folder)
-    for split, pairs in ds.links.items():
-        counts["links"][split] = len(pairs)
-        if len(pairs):
-            shards[f"links/{split}"] = _write_rows(out, f"links/{split}", iter([pairs]), len(pairs),
-                                                   "pairs.npy", opts).infos
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
+        source_digests = {str(p.relative_to(ds.root)): hasher.submit(sha256_file, p) for p in ds.source_files}
+        sinks = {"entities": _write_entities(table, out, opts, progress, hasher)}
+        for split in ds.splits():
+            total = cache.rows[split]
+            if total == 0:
+                raise DataError(f"{ds.root}: empty '{split}' triple split")
+            counts["triples"][split] = total
+            sinks[f"triples/{split}"] = _write_rows(out, f"triples/{split}", cache.blocks(split), total,
+                                                    "hrt.npy", opts, hasher)
+        shutil.rmtree(cache.folder)
+        for split, pairs in ds.links.items():
+            counts["links"][split] = len(pairs)
+            if len(pairs):
+                sinks[f"links/{split}"] = _write_rows(out, f"links/{split}", iter([pairs]), len(pairs),
+                                                      "pairs.npy", opts, hasher)
+        shards = {group: sink.infos for group, sink in sinks.items()}
+        sources = {name: digest.result() for name, digest in source_digests.items()}
     modalities, _ = _modalities(table, ds.num_entities, out)
     return Manifest(
         task=ds.task, name=ds.root.name, counts=counts, modalities=modalities, shards=shards,
-        sources={str(p.relative_to(ds.root)): sha256_file(p) for p in ds.source_files},
+        sources=sources,
         options={**asdict(opts), "source": str(ds.root.resolve()), "snag_dist": __version__},
         stats_sha256=sha256_file(out / STATS),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

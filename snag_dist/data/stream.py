@@ -173,10 +173,16 @@ class EntityStream(_EpochStream):
     def expand(self, part: EntityBlock) -> dict[str, object]:
         """Storage form -> the batch: features {m: (B,D) float32}, bags scattered into dense rows."""
         n = len(part)
-        feats = {}
+        # One allocation for every feature matrix of the batch: when the consumer has dropped the
+        # previous batch, malloc hands the same block back. Separate (or fresh) ones are new pages
+        # each time, and a page fault costs ~1 ms per MB on these VMs — 3x the rest of the batch.
+        arena = np.empty(n * sum(c.dim for c in self.layout.columns), np.float32)
+        feats, pos = {}, 0
         for c in self.layout.columns:
-            out = np.zeros((n, c.dim), np.float32) if c.kind == "bag" else np.empty((n, c.dim), np.float32)
+            out = arena[pos:pos + n * c.dim].reshape(n, c.dim)
+            pos += n * c.dim
             if c.kind == "bag":
+                out.fill(0)
                 part.bags[c.name].scatter_into(out)
             else:
                 cast_into(out, part.dense[c.name])
