@@ -10,10 +10,13 @@ image/name/attribute plus the relation bag prepare derives: 4 modalities) it mea
   shuffled) with 0 DataLoader workers and with 2 workers (the ratio 2 vs 0 is printed: this
   machine has 2 cores, and the consumer shares them), and rows/s through ``RowStream`` for
   ``triples/train``;
-- ``FeatureStore.open`` build time and random-id ``lookup`` throughput.
+- ``FeatureStore.open`` build time and random-id ``lookup`` throughput;
+- for context: the webdataset reading alone (tar -> samples) and the time to the first batch.
 
 Stream, lookup and prepare figures are medians of ``--repeats`` runs (shards are read from the page
-cache: the files were just written and fit in RAM). A table is printed and a markdown section with
+cache: the files were just written and fit in RAM). Stream rows also give MB per CPU-second (this
+process plus its DataLoader workers), which other work on the shared cores disturbs less than wall
+time; the load average is recorded with the results. A table is printed and a markdown section with
 the command, machine and date is appended to ``benchmarks/RESULTS.md``. Outputs go to ``--workdir``
 (1M entities: ~2.5 GB of raw data + shards) and are deleted at the end unless ``--keep``.
 
@@ -27,6 +30,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -55,8 +59,23 @@ def parse_size(text: str) -> int:
     return int(float(text.rstrip("KM")) * scale)
 
 
-def median_of(fn: Callable[[], float], repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
+def cpu_seconds() -> float:
+    """User + system CPU of this process and its reaped children (DataLoader workers are joined)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    fn()
+    return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def median_of(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """Median wall and median CPU seconds over ``repeats`` calls."""
+    runs = [timed(fn) for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def run_prepare(src: Path, out: Path) -> tuple[float, int]:
@@ -78,24 +97,27 @@ def group_bytes(root: Path, prefix: str) -> int:
     return sum(s.bytes for g, v in manifest.shards.items() if g.startswith(prefix) for s in v)
 
 
-def time_entities(root: Path, workers: int, shuffle: int, batch: int) -> float:
+def read_entities(root: Path, workers: int, shuffle: int, batch: int) -> None:
+    """One epoch of entity batches as a trainer gets them (float32 features, dense relation bag)."""
     stream = EntityStream(root, StreamConfig(shuffle_buffer=shuffle, batch_size=batch))
-    start, seen = time.perf_counter(), 0
-    for out in make_loader(stream, workers):
-        seen += len(out["ids"])
-    elapsed = time.perf_counter() - start
+    seen = sum(len(out["ids"]) for out in make_loader(stream, workers))
     assert seen == stream.manifest.num_entities, (seen, stream.manifest.num_entities)
-    return elapsed
 
 
-def time_rows(root: Path, workers: int, shuffle: int, batch: int) -> float:
+def read_samples(root: Path) -> None:
+    """Only the webdataset part: shards -> tar members grouped into samples, nothing decoded."""
+    stream = EntityStream(root, StreamConfig())
+    assert sum(1 for _ in stream._samples(0)) == sum(s.samples for s in stream.manifest.shards["entities"])
+
+
+def first_batch(root: Path, shuffle: int, batch: int) -> None:
+    next(iter(EntityStream(root, StreamConfig(shuffle_buffer=shuffle, batch_size=batch))))
+
+
+def read_rows(root: Path, workers: int, shuffle: int, batch: int) -> None:
     stream = RowStream(root, "triples/train", StreamConfig(shuffle_buffer=shuffle, batch_size=batch))
-    start, seen = time.perf_counter(), 0
-    for rows in make_loader(stream, workers):
-        seen += len(rows)
-    elapsed = time.perf_counter() - start
+    seen = sum(len(rows) for rows in make_loader(stream, workers))
     assert seen == stream.manifest.counts["triples"]["train"]
-    return elapsed
 
 
 def time_store(root: Path, store_dir: Path) -> float:
@@ -105,13 +127,9 @@ def time_store(root: Path, store_dir: Path) -> float:
     return time.perf_counter() - start
 
 
-def time_lookups(store: FeatureStore, batch: int, batches: int, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(store.start, store.stop, size=(batches, batch))
-    start = time.perf_counter()
-    for row in ids:
+def lookups(store: FeatureStore, batch: int, batches: int, seed: int) -> None:
+    for row in np.random.default_rng(seed).integers(store.start, store.stop, size=(batches, batch)):
         store.lookup(row)
-    return time.perf_counter() - start
 
 
 def bench_size(n: int, args: argparse.Namespace) -> list[tuple[str, str, str]]:
@@ -143,27 +161,32 @@ def bench_size(n: int, args: argparse.Namespace) -> list[tuple[str, str, str]]:
     for label, shuffle in (("in order", 0), (f"shuffle {args.shuffle}", args.shuffle)):
         base = None
         for workers in (0, 2):
-            t = median_of(lambda w=workers, s=shuffle: time_entities(out, w, s, batch), args.repeats)
+            t, cpu = median_of(lambda w=workers, s=shuffle: read_entities(out, w, s, batch), args.repeats)
             mb_s = ent_bytes / MB / t
-            per_proc = mb_s / max(workers, 1)
-            note = f"{n / t:,.0f} entities/s"
+            note = f"{n / t:,.0f} entities/s; {ent_bytes / MB / cpu:.0f} MB per CPU-second"
             if workers == 0:
                 base = mb_s
-                note += f"; {'meets' if mb_s >= STREAM_TARGET_MB_S else 'MISSES'} >= 200 MB/s/process"
+                note += f"; {'meets' if mb_s >= STREAM_TARGET_MB_S else 'MISSES'} >= 200 MB/s per process"
             else:
-                note += f"; {per_proc:.0f} MB/s per worker; 2 vs 0 workers: {mb_s / base:.2f}x"
+                note += f"; {mb_s / workers:.0f} MB/s per worker; 2 vs 0 workers: {mb_s / base:.2f}x"
             rows.append((f"EntityStream {label}, {workers} workers", f"{mb_s:.0f} MB/s", note))
+    t, cpu = median_of(lambda: read_samples(out), args.repeats)
+    rows.append(("tar -> samples only (wds, no decode)", f"{ent_bytes / MB / t:.0f} MB/s",
+                 f"the reading share of EntityStream; {ent_bytes / MB / cpu:.0f} MB per CPU-second"))
+    for shuffle in (0, args.shuffle):
+        t, _ = median_of(lambda s=shuffle: first_batch(out, s, batch), args.repeats)
+        rows.append((f"first batch, shuffle {shuffle}", f"{t * 1e3:.0f} ms", "stream start, incl. shuffle fill"))
     n_tri = manifest.counts["triples"]["train"]
     for workers in (0, 2):
-        t = median_of(lambda w=workers: time_rows(out, w, args.shuffle // 8, 65536), args.repeats)
+        t, cpu = median_of(lambda w=workers: read_rows(out, w, args.shuffle // 8, 65536), args.repeats)
         rows.append((f"RowStream triples/train, {workers} workers", f"{tri_bytes / MB / t:.0f} MB/s",
-                     f"{n_tri / t:,.0f} triples/s (batch 65536)"))
+                     f"{n_tri / t:,.0f} triples/s (batch 65536, shuffled); {tri_bytes / MB / cpu:.0f} MB per CPU-s"))
     builds = [time_store(out, store_dir) for _ in range(args.repeats)]
     rows.append(("FeatureStore.open build", f"{statistics.median(builds):.2f} s",
                  f"{n / statistics.median(builds):,.0f} entities/s"))
     store = FeatureStore.open(out, store_dir)
-    time_lookups(store, batch, 5, args.seed)  # warm the page cache of the store files
-    t = median_of(lambda: time_lookups(store, batch, args.lookup_batches, args.seed), args.repeats)
+    lookups(store, batch, 5, args.seed)  # warm the page cache of the store files
+    t, _ = median_of(lambda: lookups(store, batch, args.lookup_batches, args.seed), args.repeats)
     out_bytes = sum(4 * c.dim for c in store.layout.columns) * batch * args.lookup_batches
     rows.append(("FeatureStore.lookup", f"{batch * args.lookup_batches / t:,.0f} entities/s",
                  f"random ids, batch {batch}; {out_bytes / MB / t:.0f} MB/s of float32 out"))
@@ -198,9 +221,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the synth data and shards")
     parser.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
-    results = {}
+    results, loads = {}, []
     for size in args.sizes:
+        before = os.getloadavg()[0]
         results[size] = bench_size(parse_size(size), args)
+        loads.append(f"{size}: {before:.1f} -> {os.getloadavg()[0]:.1f}")
         print(f"\n{size} entities")
         for what, value, note in results[size]:
             print(f"  {what:<40} {value:>20}  {note}")
@@ -211,7 +236,9 @@ def main() -> None:
     if not RESULTS.exists():
         RESULTS.write_text("# snag-dist benchmark results\n")
     section = (f"\n## Data path (bench_data.py), {dt.date.today().isoformat()}\n\n"
-               f"Command: `{command}`  \nMachine: {machine()}\n\n{render(results)}\n")
+               f"Command: `{command}`  \nMachine: {machine()}  \n"
+               f"1-minute load average (other work shares the cores), start -> end: {'; '.join(loads)}\n\n"
+               f"{render(results)}\n")
     with open(RESULTS, "a") as fh:
         fh.write(section)
     print(f"\nappended to {RESULTS}")

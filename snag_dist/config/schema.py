@@ -90,6 +90,12 @@ class CompletionConfig:
     negatives: PosInt = doc(32, "negative samples per positive triple")
     adv_temperature: Annotated[float, Field(ge=0.0)] = doc(2.0, "self-adversarial sampling temperature (0 = uniform)")
     readout: Literal["graph", "mean"] = doc("graph", "joint entity vector: structure token or mean of tokens")
+    dim: NonNegInt = doc(0, "RotatE complex dimension D (entity vector = 2*D reals, D relation phases); 0 = hidden // 2")
+    projection_layers: PosInt = doc(1, "layers projecting the readout to the RotatE vector (reference: 2 for graph)")
+    corruption: Literal["bernoulli", "uniform"] = doc("bernoulli", "head-or-tail choice: Bernoulli rule or 50/50")
+    negative_chunk: PosInt = doc(64, "positives sharing one draw of negatives (1 = own negatives per positive)")
+    filter_negatives: bool = doc(True, "leave negatives that form a known training triple out of the loss")
+    eval_kernel: Literal["auto", "compiled", "eager"] = doc("auto", "ranking kernel: torch.compile'd, eager or by size")
 
 
 @dataclass(config=_FROZEN)

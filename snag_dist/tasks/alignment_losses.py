@@ -28,23 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snag_dist.config.schema import AlignmentConfig
+from snag_dist.tasks.fused_nce import fused_info_nce
 
 # Legend: B pairs in the batch, E entities, M modalities, H hidden, D any embedding dim.
-
-# Added to masked logits instead of -inf: exp() underflows to 0 the same way, but a row that is
-# entirely masked stays finite (no NaN gradients); its term has weight 0 anyway.
-_MASKED = -1e9
-
-
-def _masked_columns(logits_bb: Tensor, drop_b: Tensor | None, diagonal: bool) -> Tensor:
-    """Logits with the columns of dropped pairs, and the diagonal if asked, pushed to -1e9."""
-    mask_bb = torch.zeros_like(logits_bb, dtype=torch.bool)
-    if diagonal:
-        mask_bb.fill_diagonal_(True)
-    if drop_b is not None:
-        mask_bb |= drop_b.unsqueeze(0)
-    return logits_bb.masked_fill(mask_bb, _MASKED)
-
 
 @dataclass
 class Sims:
@@ -85,23 +71,12 @@ def joint_similarities(per_m: list[Sims], w_left_bm: Tensor, w_right_bm: Tensor,
 
 
 def info_nce(sims: Sims, tau: float, pair_weight_b: Tensor | None = None, valid_b: Tensor | None = None) -> Tensor:
-    """In-batch InfoNCE both ways from the batch's cosine similarities (see contrastive_loss)."""
-    drop_b = None if valid_b is None else ~valid_b
-    ab = sims.ab / tau  # (B, B): row i = left i against every right
-    pos_b = ab.diagonal()
-    ab_masked = ab if drop_b is None else _masked_columns(ab, drop_b, diagonal=False)
-    ba_masked = ab.T if drop_b is None else _masked_columns(ab.T, drop_b, diagonal=False)
-    aa = _masked_columns(sims.aa / tau, drop_b, diagonal=True)
-    bb = _masked_columns(sims.bb / tau, drop_b, diagonal=True)
-    # log-sum-exp over [cross-KG | same-KG] without materialising the (B, 2B) concatenation.
-    loss_a_b = torch.logaddexp(ab_masked.logsumexp(1), aa.logsumexp(1)) - pos_b
-    loss_b_b = torch.logaddexp(ba_masked.logsumexp(1), bb.logsumexp(1)) - pos_b
-    per_pair_b = 0.5 * (loss_a_b + loss_b_b)
-    weight_b = torch.ones_like(per_pair_b) if pair_weight_b is None else pair_weight_b.float()
-    if valid_b is not None:
-        weight_b = weight_b * valid_b.float()
-        return (weight_b * per_pair_b).sum() / valid_b.sum().clamp(min=1)
-    return (weight_b * per_pair_b).mean()
+    """In-batch InfoNCE both ways from the batch's cosine similarities (see contrastive_loss).
+
+    Computed by one fused autograd function (``fused_nce``): same value and gradients as the
+    written-out [cross-KG | same-KG] cross-entropy, without its many passes over (B, B) matrices.
+    """
+    return fused_info_nce(sims.ab, sims.aa, sims.bb, tau, pair_weight_b, valid_b)
 
 
 def contrastive_loss(
