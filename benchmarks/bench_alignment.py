@@ -51,9 +51,11 @@ def shards_for(pair: str, names: bool) -> Path:
 
 
 def run_variant(pair: str, variant: str, epochs: int, iterative_start: int, eval_every: int,
-                extra: list[str]) -> dict:
+                extra: list[str], report_only: bool = False) -> dict:
     overrides, names = VARIANTS[variant]
     run = REPO / "runs" / "bench" / f"{pair}-{variant}-e{epochs}"
+    if report_only:
+        return collect(run, variant)
     sets = [f"data.shards={shards_for(pair, names)}", f"train.epochs={epochs}", f"train.eval_every={eval_every}",
             "task.alignment.iterative=false", f"task.alignment.iterative_start={iterative_start}",
             *overrides, *extra]
@@ -61,6 +63,10 @@ def run_variant(pair: str, variant: str, epochs: int, iterative_start: int, eval
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True)
+    return collect(run, variant)
+
+
+def collect(run: Path, variant: str) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     secs = [json.loads(x)["seconds"] for x in (run / "train.jsonl").read_text().splitlines()]
     return {"variant": variant, "test": summary["test"], "sec_per_epoch": statistics.median(secs),
@@ -87,9 +93,10 @@ def main() -> None:
     ap.add_argument("--variants", default="standard,iterative,names,no-gmnm,-relation,-structure")
     ap.add_argument("--set", action="append", default=[], help="extra override for every variant")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
+    ap.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
     args = ap.parse_args()
-    rows = [run_variant(args.pair, v, args.epochs, args.iterative_start, args.eval_every, args.set)
-            for v in args.variants.split(",")]
+    rows = [run_variant(args.pair, v, args.epochs, args.iterative_start, args.eval_every, args.set,
+                        args.report_only) for v in args.variants.split(",")]
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     text = (f"\n## Alignment: DBP15K {args.pair} ({dt.date.today()})\n\n"
             f"Command: `{cmd}`  \nMachine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "

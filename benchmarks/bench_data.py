@@ -197,7 +197,12 @@ def bench_size(n: int, args: argparse.Namespace) -> list[tuple[str, str, str]]:
 
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
-    return f"nproc {os.cpu_count()}, {mem:.0f} GiB RAM, processor '{platform.processor()}', Python {platform.python_version()}"
+    try:  # platform.processor() is often empty on Linux VMs
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "?"
+    return (f"nproc {os.cpu_count()}, {mem:.0f} GiB RAM, platform.processor() '{platform.processor()}', "
+            f"cpu '{model}', Python {platform.python_version()}")
 
 
 def render(results: dict[str, list[tuple[str, str, str]]]) -> str:
@@ -231,8 +236,8 @@ def main() -> None:
             print(f"  {what:<40} {value:>20}  {note}")
     if args.no_results:
         return
-    command = " ".join(["OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)"), ".venv/bin/python",
-                        "benchmarks/bench_data.py", *sys.argv[1:]])
+    threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if "OMP_NUM_THREADS" in os.environ else []
+    command = " ".join([*threads, ".venv/bin/python", "benchmarks/bench_data.py", *sys.argv[1:]])
     if not RESULTS.exists():
         RESULTS.write_text("# snag-dist benchmark results\n")
     section = (f"\n## Data path (bench_data.py), {dt.date.today().isoformat()}\n\n"

@@ -95,7 +95,8 @@ class CompletionConfig:
     corruption: Literal["bernoulli", "uniform"] = doc("bernoulli", "head-or-tail choice: Bernoulli rule or 50/50")
     negative_chunk: PosInt = doc(64, "positives sharing one draw of negatives (1 = own negatives per positive)")
     filter_negatives: bool = doc(True, "leave negatives that form a known training triple out of the loss")
-    eval_kernel: Literal["auto", "compiled", "eager"] = doc("auto", "ranking kernel: torch.compile'd, eager or by size")
+    dedupe_valid: bool = doc(True, "select on validation triples that are not training triples (DB15K: 88% are)")
+    kernel: Literal["auto", "compiled", "eager"] = doc("auto", "RotatE distance: torch.compile'd, eager, or by work size")
 
 
 @dataclass(config=_FROZEN)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from snag_dist.data.manifest import Manifest, load_manifest, sha256_file
-from snag_dist.data.records import MEMBER, Csr, EntityBlock, EntityLayout, cast_into
+from snag_dist.data.records import MEMBER, Csr, EntityBlock, EntityLayout, alloc_many, cast_into
 from snag_dist.errors import DataError
 
 STORE_VERSION = 1
@@ -160,14 +160,10 @@ class FeatureStore:
     def lookup(self, ids) -> dict[str, object]:
         """Features of ``ids``: {"features": {m: (B,D) float32}, "mask": (B,M) bool, "kg": (B,) uint8}."""
         local = self._local(np.asarray(ids))
-        n = len(local)
-        # One allocation for all feature matrices, so malloc can hand back the previous batch's
-        # block: fresh pages cost ~1 ms per MB in page faults here (see EntityStream.expand).
-        arena = np.empty(n * sum(c.dim for c in self.layout.columns), dtype=np.float32)
-        feats, pos = {}, 0
-        for c in self.layout.columns:
-            out = arena[pos:pos + n * c.dim].reshape(n, c.dim)
-            pos += n * c.dim
+        # One allocation for all feature matrices: the next lookup reuses it (see ``alloc_many``).
+        outs = alloc_many([((len(local), c.dim), np.float32) for c in self.layout.columns])
+        feats = {}
+        for c, out in zip(self.layout.columns, outs):
             if c.kind == "dense":
                 cast_into(out, self.dense[c.name][local])
             else:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from snag_dist.data.manifest import Manifest, load_manifest
-from snag_dist.data.records import MEMBER, EntityBlock, EntityLayout, cast_into
+from snag_dist.data.records import MEMBER, EntityBlock, EntityLayout, alloc_many, cast_into
 from snag_dist.errors import DataError
 
 
@@ -127,9 +127,9 @@ class EntityStream(_EpochStream):
 
     Samples are blocks of consecutive entities (``records``), decoded column-wise. Shuffling is
     two-level, both seeded: blocks pass a wds shuffle buffer of ~``shuffle_buffer`` entities, then
-    consecutive blocks are gathered into windows of >= ``shuffle_buffer`` entities whose rows are
-    permuted, so a batch mixes entities of many blocks and shards. A batch is built column by
-    column: one vectorised copy in storage form (``compact``), then one cast to float32 with bags
+    consecutive blocks are gathered into windows of >= ``shuffle_buffer`` entities in a random
+    order, so a batch mixes entities of many blocks and shards. A batch is built column by column:
+    row ranges of windows in storage form (``compact``), then one cast to float32 with bags
     scattered into dense rows (``expand``) — no per-entity Python.
     """
 
@@ -147,40 +147,38 @@ class EntityStream(_EpochStream):
                 raise DataError(f"corrupt shard {where} has no '{MEMBER}' member")
             yield self.layout.decode(sample[MEMBER], where)
 
-    def _windows(self) -> Iterator[tuple[EntityBlock, np.ndarray | None]]:
-        """(block, row order): blocks as read, or windows of >= shuffle_buffer rows and a permutation."""
+    def _windows(self) -> Iterator[EntityBlock]:
+        """Blocks as read, or (shuffling) windows of >= shuffle_buffer entities in a random order."""
         size = self.cfg.shuffle_buffer
         if size <= 0:
-            for block in self._blocks():
-                yield block, None
+            yield from self._blocks()
             return
         rng, pending, held = self._rng(), [], 0
         for block in self._blocks():
             pending.append(block)
             held += len(block)
             if held >= size:
-                yield EntityBlock.concat(pending), rng.permutation(held)
+                yield EntityBlock.shuffled(pending, rng)
                 pending, held = [], 0
         if pending:
-            yield EntityBlock.concat(pending), rng.permutation(held)
+            yield EntityBlock.shuffled(pending, rng)
 
-    def compact(self, pieces: list[tuple[EntityBlock, slice | np.ndarray]]) -> EntityBlock:
+    def compact(self, pieces: list[tuple[EntityBlock, int, int]]) -> EntityBlock:
         """A batch in storage form (what crosses from a DataLoader worker): ids, kg, mask,
-        dense {m: (B,D) storage dtype}, bags {m: (indptr, indices, values)} — one copy per column."""
-        return EntityBlock.concat([block.slice(rows.start, rows.stop) if isinstance(rows, slice) else block.take(rows)
-                                   for block, rows in pieces])
+        dense {m: (B,D) storage dtype}, bags {m: (indptr, indices, values)} from (block, start, stop)
+        row ranges — one copy per column, none for a batch inside one block (expand and pickling
+        copy anyway)."""
+        parts = [block.slice(start, stop) for block, start, stop in pieces]
+        return parts[0] if len(parts) == 1 else EntityBlock.concat(parts)
 
     def expand(self, part: EntityBlock) -> dict[str, object]:
         """Storage form -> the batch: features {m: (B,D) float32}, bags scattered into dense rows."""
         n = len(part)
-        # One allocation for every feature matrix of the batch: when the consumer has dropped the
-        # previous batch, malloc hands the same block back. Separate (or fresh) ones are new pages
-        # each time, and a page fault costs ~1 ms per MB on these VMs — 3x the rest of the batch.
-        arena = np.empty(n * sum(c.dim for c in self.layout.columns), np.float32)
-        feats, pos = {}, 0
-        for c in self.layout.columns:
-            out = arena[pos:pos + n * c.dim].reshape(n, c.dim)
-            pos += n * c.dim
+        # One allocation for the batch's feature matrices: once the consumer drops a batch, the
+        # next one gets the same memory back instead of fresh pages (see ``alloc_many``).
+        outs = alloc_many([((n, c.dim), np.float32) for c in self.layout.columns])
+        feats = {}
+        for c, out in zip(self.layout.columns, outs):
             if c.kind == "bag":
                 out.fill(0)
                 part.bags[c.name].scatter_into(out)
@@ -192,11 +190,11 @@ class EntityStream(_EpochStream):
 
     def compact_batches(self) -> Iterator[EntityBlock]:
         size, pieces, held = self.cfg.batch_size, [], 0
-        for block, order in self._windows():
+        for block in self._windows():
             pos = 0
             while pos < len(block):
                 take = min(size - held, len(block) - pos)
-                pieces.append((block, slice(pos, pos + take) if order is None else order[pos:pos + take]))
+                pieces.append((block, pos, pos + take))
                 held, pos = held + take, pos + take
                 if held == size:
                     yield self.compact(pieces)
@@ -262,7 +260,7 @@ class RowStream(_EpochStream):
                 block = np.load(io.BytesIO(sample[self.member]), allow_pickle=False)
             except (KeyError, ValueError, OSError):
                 raise DataError(f"corrupt shard {sample.get('__url__')}: bad block {sample['__key__']}") from None
-            yield block[rng.permutation(len(block))] if self.cfg.shuffle_buffer > 0 else block
+            yield np.take(block, rng.permutation(len(block)), axis=0) if self.cfg.shuffle_buffer > 0 else block
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Blocks re-cut into batches; each row is copied once (no re-concatenation of leftovers)."""

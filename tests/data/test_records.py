@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from snag_dist.data.records import Column, Csr, EntityBlock, EntityLayout, cast_into
+from snag_dist.data.records import Column, Csr, EntityBlock, EntityLayout, alloc_many, cast_into
 from snag_dist.errors import DataError
 
 LAYOUT = EntityLayout((
@@ -96,17 +96,21 @@ def test_csr_take_slice_concat_scatter_equal_per_entity_reference():
     assert np.array_equal(out, ref)
 
 
-def test_block_take_and_concat_copy():
+def test_block_shuffled_and_concat_copy():
     rng = np.random.default_rng(3)
     a, b = random_block(rng, 0, 10), random_block(rng, 10, 6)
     rec = LAYOUT.decode(LAYOUT.encode(a))
     joined = EntityBlock.concat([rec])
-    assert joined.dense["image"].flags.writeable and joined.dense["image"].base is not rec.dense["image"].base
-    both = EntityBlock.concat([a, b])
-    order = rng.permutation(16)
-    got = both.take(order)
-    assert np.array_equal(got.ids, order)
-    assert np.array_equal(got.dense["image"], np.concatenate([a.dense["image"], b.dense["image"]])[order])
+    assert joined.dense["image"].flags.writeable and not np.shares_memory(joined.dense["image"], rec.dense["image"])
+    both = EntityBlock.concat([a, rec, b])
+    assert np.array_equal(both.ids, np.r_[np.arange(10), np.arange(10), np.arange(10, 16)])
+    got = EntityBlock.shuffled([a, b], np.random.default_rng(5))
+    order = got.ids  # a row's id says where it came from: ids 0..15 are rows 0..15 of a then b
+    assert sorted(order.tolist()) == list(range(16)) and not np.array_equal(order, np.arange(16))
+    for name in ("image", "name"):
+        assert np.array_equal(got.dense[name], np.concatenate([a.dense[name], b.dense[name]])[order])
+    assert np.array_equal(got.mask, np.concatenate([a.mask, b.mask])[order])
+    assert np.array_equal(got.kg, np.concatenate([a.kg, b.kg])[order])
     ref = np.concatenate([dense_rows(a.bags["relation"], 12), dense_rows(b.bags["relation"], 12)])
     assert np.array_equal(dense_rows(got.bags["relation"], 12), ref[order])
 
@@ -121,3 +125,13 @@ def test_cast_into_equals_numpy(shape):
     out2 = np.empty(shape, np.float32)
     cast_into(out2, src32)
     assert np.array_equal(out2, src32)
+
+
+def test_alloc_many_gives_separate_aligned_arrays():
+    specs = [((3,), np.uint8), ((0, 4), np.float16), ((5, 3), np.bool_), ((7, 2), np.float32), ((2,), np.int64)]
+    arrays = alloc_many(specs)
+    for arr, (shape, dtype) in zip(arrays, specs):
+        assert arr.shape == shape and arr.dtype == np.dtype(dtype) and arr.ctypes.data % 8 == 0
+        arr[...] = 1
+    for i, a in enumerate(arrays):
+        assert all(not np.shares_memory(a, b) for b in arrays[i + 1:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 
 from snag_dist.data.prepare import PrepareOptions, prepare
@@ -12,6 +13,9 @@ from snag_dist.data.readers import read_dataset
 from snag_dist.data.store import FeatureStore, partition_range
 from snag_dist.data.stream import EntityStream, RowStream, StreamConfig, make_loader, read_all_rows
 from snag_dist.data.verify import verify
+
+# Batches are fresh, writable tensors (no views of read-only record bytes).
+pytestmark = pytest.mark.filterwarnings("error:The given NumPy array is not writable")
 
 
 def _stream_entities(root, **kw):

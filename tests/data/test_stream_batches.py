@@ -18,6 +18,9 @@ from snag_dist.data.store import FeatureStore
 from snag_dist.data.stream import EntityStream, RowStream, StreamConfig, make_loader, read_all_rows
 from snag_dist.data.synth import ModalityOption, SynthOptions, synth
 
+# Batches are fresh, writable tensors (no views of read-only record bytes).
+pytestmark = pytest.mark.filterwarnings("error:The given NumPy array is not writable")
+
 N = 600
 OPTS = PrepareOptions(shard_size=100, entity_block=32, min_shards=4, relation_topk=10, block_size=70)
 
