@@ -8,6 +8,8 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
+# Busy-waiting OpenMP threads collapse 5-20x when processes share 2 cores (tests spawn several).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test install lint bench clean
 

@@ -92,6 +92,8 @@ class KnownTriples:
     def answers(self, anchor_c: Tensor, rel_c: Tensor, predict_head: bool) -> tuple[Tensor, Tensor]:
         """(rows, cols) of every known answer: query rows[i] has known answer entity cols[i]."""
         idx, seg, found = self._segments(anchor_c, rel_c, predict_head)
+        if len(idx.keys_S) == 0:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
         start = idx.ptr_S1[seg]
         count = torch.where(found, idx.ptr_S1[seg + 1] - start, 0)
         rows = torch.repeat_interleave(torch.arange(len(seg)), count)
@@ -100,26 +102,15 @@ class KnownTriples:
         cols = idx.flat_T[start[rows] + offset] % self.num_entities
         return rows, cols
 
-    def contains(self, anchor_c: Tensor, rel_c: Tensor, cand_cK: Tensor, predict_head: Tensor | bool) -> Tensor:
-        """(c, K) bool: is cand[i, k] a known answer of query i? predict_head: bool or (c,) bool."""
-        cand = cand_cK.cpu().long()
-        if isinstance(predict_head, bool):
-            return self._contains(anchor_c, rel_c, cand, predict_head)
-        mode = predict_head.cpu().bool()
-        out = torch.zeros(cand.shape, dtype=torch.bool)
-        for flag in (False, True):
-            rows = torch.nonzero(mode == flag).flatten()
-            if len(rows):
-                out[rows] = self._contains(anchor_c.cpu()[rows], rel_c.cpu()[rows], cand[rows], flag)
-        return out
-
-    def _contains(self, anchor_c: Tensor, rel_c: Tensor, cand_cK: Tensor, predict_head: bool) -> Tensor:
-        idx, seg, found = self._segments(anchor_c, rel_c, predict_head)
+    def contains(self, heads: Tensor, rels: Tensor, tails: Tensor) -> Tensor:
+        """Bool tensor of the broadcast shape: is (heads, rels, tails) a known triple?"""
+        h, r, t = torch.broadcast_tensors(heads.cpu().long(), rels.cpu().long(), tails.cpu().long())
+        idx, seg, found = self._segments(h.flatten(), r.flatten(), predict_head=False)
         if len(idx.flat_T) == 0:
-            return torch.zeros(cand_cK.shape, dtype=torch.bool)
-        key = seg[:, None] * self.num_entities + cand_cK
+            return torch.zeros(h.shape, dtype=torch.bool)
+        key = seg * self.num_entities + t.flatten()
         pos = torch.searchsorted(idx.flat_T, key).clamp_max(len(idx.flat_T) - 1)
-        return (idx.flat_T[pos] == key) & found[:, None]
+        return ((idx.flat_T[pos] == key) & found).view(h.shape)
 
 
 @dataclass(frozen=True)
