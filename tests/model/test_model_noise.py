@@ -7,6 +7,7 @@ import math
 import pytest
 import safetensors.torch
 import torch
+from safetensors.torch import load as st_load  # bytes -> tensors, no pickle
 
 from snag_dist.config.schema import ModalityNoise, NoiseConfig
 from snag_dist.errors import ConfigError, DataError
@@ -137,7 +138,7 @@ def test_state_dict_round_trip(resample):
     a.resample(epoch=2, seed=5, struct_weight=torch.randn(N, D) + 1)
     x, ids = torch.randn(N, D), torch.arange(N)
     a("structure", x, ids)
-    state = safetensors.torch.load(safetensors.torch.save(a.state_dict()))  # all tensors, safetensors-safe
+    state = st_load(safetensors.torch.save(a.state_dict()))  # all tensors, safetensors-safe
     want = {name: a(name, x, ids) for name in ("structure", "image")}
     b = make_noise(resample=resample, noise_ratio=0.5)
     b.load_state_dict(state)

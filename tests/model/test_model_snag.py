@@ -6,6 +6,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load as st_load  # bytes -> tensors, no pickle
 
 from snag_dist.config.schema import ModalityNoise, NoiseConfig
 from snag_dist.errors import ConfigError, DataError
@@ -175,5 +176,5 @@ def test_state_dict_round_trip_through_safetensors():
     want = run(a, toy).joint
     torch.manual_seed(1)
     b = build_snag(make_cfg(), NoiseConfig(resample="step"), toy.spec)
-    b.load_state_dict(safetensors.torch.load(blob))
+    b.load_state_dict(st_load(blob))
     assert isinstance(b, SNAG) and torch.equal(run(b, toy).joint, want)
