@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,8 +63,10 @@ class FitState:
 
 class Trainer:
     def __init__(self, task: TrainTask, backend: Backend, train: TrainConfig, eval_cfg: EvalConfig,
-                 run_dir: Path, logger: MetricsLogger, progress: bool = True) -> None:
+                 run_dir: Path, logger: MetricsLogger, progress: bool = True,
+                 callbacks: Sequence[Callable[[dict[str, Any]], None]] = ()) -> None:
         self.task, self.backend, self.cfg, self.eval_cfg = task, backend, train, eval_cfg
+        self.callbacks = tuple(callbacks)  # called on every rank after each validation (e.g. Ray Tune)
         self.run_dir, self.logger, self.progress = run_dir, logger, progress and backend.is_main
         self.ckpt = run_dir / "checkpoints"
         self.state = FitState()
@@ -83,16 +85,16 @@ class Trainer:
         return start, start + self.phases[index].epochs
 
     # -- checkpoints ------------------------------------------------------------------------
-    def _save(self, tag: str, with_optim: bool = True) -> None:
+    def _save(self, tag: str, with_optim: bool = True) -> Path:
         # Every rank's torch RNG (dropout) so a resumed run draws what the uninterrupted one did.
         rng_all = self.backend.gather(torch.get_rng_state().to(self.backend.device)[None]).cpu()
         if not self.backend.is_main:
-            return
+            return self.ckpt / tag
         state = {"fit": self.state.__dict__, "scheduler": self.scheduler.state_dict()}
         optim = self.optimizer.state_dict() if with_optim else None
         rng = {f"torch_cpu.rank{r}": rng_all[r] for r in range(rng_all.shape[0])}
-        save_checkpoint(self.ckpt, self.backend.unwrap(self.module).state_dict(), optim, state,
-                        keep_last=self.cfg.keep_last if tag.startswith("epoch_") else 0, tag=tag, rng=rng)
+        return save_checkpoint(self.ckpt, self.backend.unwrap(self.module).state_dict(), optim, state,
+                               keep_last=self.cfg.keep_last if tag.startswith("epoch_") else 0, tag=tag, rng=rng)
 
     def resume(self) -> bool:
         path = latest(self.ckpt)
@@ -144,6 +146,7 @@ class Trainer:
     def _validate(self, epoch: int, phase: Phase) -> bool:
         """Evaluate on validation; save best; return True when early stopping triggers."""
         metrics = self.task.evaluate(self.backend.unwrap(self.module), self.eval_cfg.split)
+        self._last_eval = {"epoch": epoch, "phase": phase.name, **metrics}
         value = metrics[self.task.metric]
         self.logger.eval({"epoch": epoch, "split": self.eval_cfg.split, "phase": phase.name, **metrics})
         if value > self.state.best:
@@ -189,11 +192,16 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", s_per_ep=f"{record['seconds']:.2f}",
                                 best=f"{self.state.best:.4f}")
+                self._last_eval = None
                 if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == end:
                     stop = self._validate(epoch, phase)
                 self.state.epoch += 1
+                saved = None
                 if self.cfg.checkpoint_every and self.state.epoch % self.cfg.checkpoint_every == 0:
-                    self._save(f"epoch_{self.state.epoch}")
+                    saved = self._save(f"epoch_{self.state.epoch}")
+                if self._last_eval is not None:
+                    for callback in self.callbacks:
+                        callback({**self._last_eval, "checkpoint": saved})
             self._end_phase(phase, end)
             self.state.phase += 1
             self.state.epoch = max(self.state.epoch, end)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,7 +17,10 @@ from snag_dist.logging import MetricsLogger
 from snag_dist.tasks.registry import TASKS
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          callbacks: Sequence[Callable[[dict], None]] = ()) -> dict:
+    """Train ``cfg`` into ``run_dir``; ``callbacks`` get ``{epoch, phase, <metrics>, checkpoint}`` on every
+    rank after each validation (the checkpoint path is set when one was saved that epoch)."""
     run_dir = Path(run_dir)
     backend = build_backend(cfg.engine, cfg.train.grad_accum)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -25,7 +29,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, enabled=backend.is_main, resume=resume)
     try:
-        state = Trainer(task, backend, cfg.train, cfg.eval, run_dir, logger, progress).fit(resume)
+        state = Trainer(task, backend, cfg.train, cfg.eval, run_dir, logger, progress, callbacks).fit(resume)
     finally:
         logger.close()
     summary = {"best_epoch": state.best_epoch, "best_valid": state.best, "test": state.results}
