@@ -119,6 +119,7 @@ class TrainConfig:
     eval_every: PosInt = doc(10, "epochs between validation evaluations")
     patience: NonNegInt = doc(0, "evaluations without improvement before early stopping (0 = off)")
     checkpoint_every: NonNegInt = doc(0, "epochs between checkpoints (0 = only at the end)")
+    checkpoint_every_steps: NonNegInt = doc(0, "optimizer steps between mid-epoch checkpoints (0 = off)")
     keep_last: PosInt = doc(2, "checkpoints kept")
 
 

@@ -7,14 +7,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 
-from snag_dist.config import EngineConfig
-from snag_dist.engine.backend import BACKENDS
+from snag_dist.config import EngineConfig, TrainConfig
+from snag_dist.engine.backend import BACKENDS, ReplicatedState
 from snag_dist.errors import BackendError
 
 
 @BACKENDS.register("accelerate")
-class AccelerateBackend:
-    def __init__(self, cfg: EngineConfig, grad_accum: int = 1) -> None:
+class AccelerateBackend(ReplicatedState):
+    def __init__(self, cfg: EngineConfig, train: TrainConfig) -> None:
         use_cpu = cfg.cpu or not torch.cuda.is_available()
         if cfg.precision == "fp16" and use_cpu:
             raise BackendError("engine.precision=fp16 needs a GPU (loss scaling); use bf16 or fp32 on CPU")
@@ -25,8 +25,9 @@ class AccelerateBackend:
             plugin = FullyShardedDataParallelPlugin()
         # Some parameters (e.g. a dropped loss term's weights) may get no gradient in a step.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        # Accumulation is the loop's (it scales the loss and calls step at boundaries), not Accelerate's.
         self.acc = Accelerator(cpu=use_cpu, mixed_precision="no" if cfg.precision == "fp32" else cfg.precision,
-                               gradient_accumulation_steps=grad_accum, kwargs_handlers=[ddp], fsdp_plugin=plugin)
+                               kwargs_handlers=[ddp], fsdp_plugin=plugin)
         self.device = self.acc.device
         self.rank = self.acc.process_index
         self.world_size = self.acc.num_processes
@@ -46,9 +47,11 @@ class AccelerateBackend:
     def backward(self, loss: torch.Tensor) -> None:
         self.acc.backward(loss)
 
-    def step(self, optimizer, scheduler, max_norm: float) -> float:
+    def step(self, optimizer, scheduler, max_norm: float, boundary: bool = True) -> float:
+        if not boundary:
+            return 0.0
         norm = 0.0
-        if self.acc.sync_gradients and max_norm > 0:
+        if max_norm > 0:
             norm = float(self.acc.clip_grad_norm_(self.acc._models[0].parameters(), max_norm))
         optimizer.step()
         scheduler.step()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import torch
 from torch import nn
 
-from snag_dist.config import EngineConfig
+from snag_dist.config import EngineConfig, TrainConfig
 from snag_dist.registry import Registry
 
 
@@ -26,7 +26,19 @@ class Backend(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self, optimizer, scheduler, max_norm: float) -> float: ...
+    def step(self, optimizer, scheduler, max_norm: float, boundary: bool = True) -> float:
+        """Called after every micro-batch; updates weights when ``boundary`` (accumulation done)."""
+        ...
+
+    def full_params(self, module: nn.Module, modify: bool = False) -> AbstractContextManager:
+        """Whole parameters inside (ZeRO-3 gathers them; ``modify``: changes made inside persist)."""
+        ...
+
+    def optimizer_shards(self, optimizer) -> dict[str, torch.Tensor]:
+        """This rank's optimizer state when it is partitioned over ranks ({} when rank 0 holds all)."""
+        ...
+
+    def load_optimizer_shards(self, optimizer, path) -> None: ...
 
     def unwrap(self, module: nn.Module) -> nn.Module: ...
 
@@ -42,7 +54,20 @@ class Backend(Protocol):
 BACKENDS: Registry = Registry("backend")
 
 
-def build_backend(cfg: EngineConfig, grad_accum: int = 1) -> Backend:
+class ReplicatedState:
+    """Mix-in for backends whose every rank holds whole parameters and optimizer state."""
+
+    def full_params(self, module: nn.Module, modify: bool = False) -> AbstractContextManager:
+        return nullcontext()
+
+    def optimizer_shards(self, optimizer) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_optimizer_shards(self, optimizer, path) -> None:
+        return None
+
+
+def build_backend(cfg: EngineConfig, train: TrainConfig | None = None) -> Backend:
     # Importing registers the backends; deferred so `snag-dist prepare` never loads them.
     from snag_dist.engine import accelerate_backend  # noqa: F401
 
@@ -50,4 +75,4 @@ def build_backend(cfg: EngineConfig, grad_accum: int = 1) -> Backend:
         from snag_dist.engine import deepspeed_backend  # noqa: F401
     except ImportError:  # pragma: no cover - deepspeed is a dependency, but keep accelerate usable
         pass
-    return BACKENDS.get(cfg.backend)(cfg, grad_accum)
+    return BACKENDS.get(cfg.backend)(cfg, train or TrainConfig())

@@ -1,6 +1,9 @@
 """Checkpoints as safetensors + JSON, written to a temp directory and renamed (never half-written).
 
-``RUN/checkpoints/<tag>/{model.safetensors, optim.safetensors, state.json}``; ``last`` K kept.
+``RUN/checkpoints/<tag>/{model.safetensors, optim.safetensors, state.json, rng.safetensors,
+task.safetensors, optim.rank<R>.safetensors}``; tags ``epoch_<E>`` (before epoch E) and
+``epoch_<E>_step_<S>`` (S batches into epoch E); the last K kept. Every rank writes its own optimizer
+partition (ZeRO) into the same temp folder, so RUN must be on a filesystem all nodes share.
 No pickles anywhere: optimizer state is flattened into named tensors plus a JSON skeleton.
 """
 
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,13 +48,28 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], skeleton: dict[str, An
 
 
 def save_checkpoint(folder: Path, model_state: dict, optim_state: dict | None, state: dict, keep_last: int = 0,
-                    tag: str = "", rng: dict[str, torch.Tensor] | None = None) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+                    tag: str = "", rng: dict[str, torch.Tensor] | None = None,
+                    task_state: dict[str, torch.Tensor] | None = None,
+                    rank_shards: dict[str, torch.Tensor] | None = None, rank: int = 0, is_main: bool = True,
+                    barrier: Callable[[], None] | None = None) -> Path:
+    """Write one checkpoint; with ``barrier`` every rank calls this (rank shards), else rank 0 only."""
+    sync = barrier or (lambda: None)
     final = folder / tag
-    tmp = folder / f".{tag}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = folder / f".{tag}.tmp"
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    sync()
+    if rank_shards:
+        save_file(_tensors(rank_shards), str(tmp / f"optim.rank{rank}.safetensors"))
+    if not is_main:
+        sync()
+        sync()
+        return final
     save_file(_tensors(model_state), str(tmp / "model.safetensors"))
+    if task_state:
+        save_file(_tensors(task_state), str(tmp / "task.safetensors"))
     if optim_state is not None:
         tensors, skeleton = flatten_optimizer(optim_state)
         save_file(tensors, str(tmp / "optim.safetensors"))
@@ -58,28 +77,51 @@ def save_checkpoint(folder: Path, model_state: dict, optim_state: dict | None, s
     if rng:
         save_file(_tensors(rng), str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
+    sync()  # every rank's partition is on disk
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     if keep_last:
         _prune(folder, keep_last)
+    sync()
     return final
 
 
+def _position(path: Path) -> tuple[int, int]:
+    """``epoch_5`` -> (5, 0); ``epoch_4_step_30`` -> (4, 30): the order training reached them."""
+    parts = path.name.split("_")
+    return int(parts[1]), int(parts[3]) if len(parts) == 4 else 0
+
+
 def _prune(folder: Path, keep_last: int) -> None:
-    steps = sorted((p for p in folder.iterdir() if p.name.startswith("epoch_")),
-                   key=lambda p: int(p.name.split("_")[1]))
+    steps = sorted((p for p in folder.iterdir() if p.name.startswith("epoch_")), key=_position)
     for old in steps[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_rng(path: Path) -> dict[str, torch.Tensor]:
-    """Every rank's RNG states saved with a checkpoint ({} when none)."""
-    file = path / "rng.safetensors"
+def load_task_state(path: Path) -> dict[str, torch.Tensor]:
+    """The task's own state (e.g. alignment pseudo links) saved with a checkpoint ({} when none)."""
+    return _load_optional(path / "task.safetensors", path)
+
+
+def load_rank_shard(path: Path, rank: int) -> dict[str, torch.Tensor]:
+    file = path / f"optim.rank{rank}.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no optimizer partition for rank {rank} "
+                              "(saved with a different number of processes or ZeRO stage?)")
+    return _load_optional(file, path)
+
+
+def _load_optional(file: Path, path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file)) if file.is_file() else {}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from None
+
+
+def load_rng(path: Path) -> dict[str, torch.Tensor]:
+    """Every rank's RNG states saved with a checkpoint ({} when none)."""
+    return _load_optional(path / "rng.safetensors", path)
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict | None, dict]:
@@ -99,4 +141,4 @@ def load_checkpoint(path: Path) -> tuple[dict, dict | None, dict]:
 
 def latest(folder: Path) -> Path | None:
     steps = [p for p in folder.glob("epoch_*") if (p / "state.json").is_file()]
-    return max(steps, key=lambda p: int(p.name.split("_")[1])) if steps else None
+    return max(steps, key=_position) if steps else None

@@ -30,3 +30,85 @@ def generator(seed: int, *parts: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(hash((seed, *parts)) & 0x7FFFFFFFFFFFFFFF)
     return g
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of (n_r, ...) tensors along dim 0 with gradient: each rank's rows receive the sum
+    of the gradients every rank computed for them (all-reduce + own slice; gloo has no reduce-scatter
+    for autograd)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.sizes, ctx.rank = sizes, rank
+        top = max(sizes)
+        padded = x.new_zeros((top, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None, None
+
+
+class Collectives:
+    """What tasks may ask of the other processes: sums, row gathers (with gradient). Identity when
+    there is one process, so a task runs the same code single- and multi-process."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.device = device or torch.device("cpu")  # where the process group's tensors must live
+
+    @classmethod
+    def current(cls) -> Collectives:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            nccl = dist.get_backend() == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls()
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def sizes(self, n: int, device: torch.device) -> list[int]:
+        if not self.active:
+            return [n]
+        import torch.distributed as dist
+
+        out = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(out, torch.tensor([n], dtype=torch.long, device=self.device))
+        return [int(t.item()) for t in out]
+
+    def gather_rows(self, x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+        """Concatenate every rank's rows (rank order); differentiable for floating tensors."""
+        if not self.active:
+            return x
+        sizes = sizes or self.sizes(x.shape[0], x.device)
+        if x.is_floating_point() and x.requires_grad:
+            return _GatherRows.apply(x, sizes, self.rank)
+        with torch.no_grad():
+            return _GatherRows.forward(_NoCtx(), x.to(self.device), sizes, self.rank).to(x.device)
+
+    def reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        import torch.distributed as dist
+
+        y = x.to(self.device, copy=True)
+        dist.all_reduce(y)
+        return y.to(x.device)
+
+
+class _NoCtx:
+    """Stand-in autograd context for a gather that needs no gradient."""

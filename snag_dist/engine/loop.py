@@ -8,6 +8,7 @@ split is evaluated once per phase, on the best weights.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -20,7 +21,13 @@ from torch import nn
 
 from snag_dist.config import EvalConfig, TrainConfig
 from snag_dist.engine.backend import Backend
-from snag_dist.engine.checkpoint import latest, load_checkpoint, load_rng, save_checkpoint
+from snag_dist.engine.checkpoint import (
+    latest,
+    load_checkpoint,
+    load_rng,
+    load_task_state,
+    save_checkpoint,
+)
 from snag_dist.engine.optim import build_optimizer, warmup_cosine
 from snag_dist.errors import TrainingError
 from snag_dist.logging import MetricsLogger
@@ -59,6 +66,8 @@ class FitState:
     best_epoch: int = -1
     bad_evals: int = 0
     results: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> test metrics
+    step: int = 0  # batches of `epoch` already trained (a mid-epoch checkpoint resumes after them)
+    sums: dict[str, float] = field(default_factory=dict)  # loss sums over those batches
 
 
 class Trainer:
@@ -88,13 +97,18 @@ class Trainer:
     def _save(self, tag: str, with_optim: bool = True) -> Path:
         # Every rank's torch RNG (dropout) so a resumed run draws what the uninterrupted one did.
         rng_all = self.backend.gather(torch.get_rng_state().to(self.backend.device)[None]).cpu()
-        if not self.backend.is_main:
-            return self.ckpt / tag
+        with self.backend.full_params(self.module):
+            model_state = self.backend.unwrap(self.module).state_dict() if self.backend.is_main else {}
+        # Optimizer state the backend may hold per rank (ZeRO partitions); {} = rank 0's is complete.
+        shards = self.backend.optimizer_shards(self.optimizer) if with_optim else {}
         state = {"fit": self.state.__dict__, "scheduler": self.scheduler.state_dict()}
-        optim = self.optimizer.state_dict() if with_optim else None
+        optim = self.optimizer.state_dict() if with_optim and not shards else None
         rng = {f"torch_cpu.rank{r}": rng_all[r] for r in range(rng_all.shape[0])}
-        return save_checkpoint(self.ckpt, self.backend.unwrap(self.module).state_dict(), optim, state,
-                               keep_last=self.cfg.keep_last if tag.startswith("epoch_") else 0, tag=tag, rng=rng)
+        task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
+        return save_checkpoint(self.ckpt, model_state, optim, state,
+                               keep_last=self.cfg.keep_last if tag.startswith("epoch_") else 0, tag=tag, rng=rng,
+                               task_state=task_state, rank_shards=shards, rank=self.backend.rank,
+                               is_main=self.backend.is_main, barrier=self.backend.barrier)
 
     def resume(self) -> bool:
         path = latest(self.ckpt)
@@ -104,9 +118,12 @@ class Trainer:
         self.state = FitState(**state["fit"])
         start, end = self._phase_bounds(self.state.phase)
         self.task.module.load_state_dict(model)
+        if hasattr(self.task, "load_state_dict"):
+            self.task.load_state_dict(load_task_state(path))
         self._setup_phase(self.phases[self.state.phase], start, end)
         if optim is not None:
             self.optimizer.load_state_dict(optim)
+        self.backend.load_optimizer_shards(self.optimizer, path)
         self.scheduler.load_state_dict(state["scheduler"])
         rng = load_rng(path).get(f"torch_cpu.rank{self.backend.rank}")
         if rng is not None:
@@ -115,16 +132,22 @@ class Trainer:
 
     def _load_best(self) -> None:
         best = self.ckpt / "best"
+        self.backend.barrier()
         if (best / "model.safetensors").is_file():
             model, _, _ = load_checkpoint(best)
-            self.backend.unwrap(self.module).load_state_dict(model)
+            with self.backend.full_params(self.module, modify=True):
+                self.backend.unwrap(self.module).load_state_dict(model)
 
     # -- epochs -----------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch from batch ``state.step`` (0, or where a mid-epoch checkpoint stopped)."""
         self.module.train()
-        sums: dict[str, float] = {}
-        steps, t0 = 0, time.perf_counter()
-        for step, batch in enumerate(self.task.batches(epoch)):
+        sums = self.state.sums
+        t0 = time.perf_counter()
+        total = self.task.steps_per_epoch()
+        every = self.cfg.checkpoint_every_steps * self.cfg.grad_accum
+        batches = itertools.islice(self.task.batches(epoch), self.state.step, None)
+        for step, batch in enumerate(batches, start=self.state.step):
             with self.backend.autocast():
                 losses = self.module(batch)
             loss = losses["loss"]
@@ -132,20 +155,25 @@ class Trainer:
                 raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch} step {step}; "
                                     "lower train.lr or check the input features")
             self.backend.backward(loss / self.cfg.grad_accum)
-            if (step + 1) % self.cfg.grad_accum == 0:
-                self.backend.step(self.optimizer, self.scheduler, self.cfg.grad_clip)
+            boundary = (step + 1) % self.cfg.grad_accum == 0
+            self.backend.step(self.optimizer, self.scheduler, self.cfg.grad_clip, boundary)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
-            steps += 1
-        record = {f"loss/{k}" if k != "loss" else "loss": self.backend.reduce_mean(v / max(steps, 1))
+            self.state.step = step + 1
+            if every and boundary and self.state.step % every == 0 and self.state.step < total:
+                self._save(f"epoch_{epoch}_step_{self.state.step}")
+        steps = max(self.state.step, 1)
+        record = {f"loss/{k}" if k != "loss" else "loss": self.backend.reduce_mean(v / steps)
                   for k, v in sums.items()}
+        self.state.step, self.state.sums = 0, {}
         record["seconds"] = time.perf_counter() - t0
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         return record
 
     def _validate(self, epoch: int, phase: Phase) -> bool:
         """Evaluate on validation; save best; return True when early stopping triggers."""
-        metrics = self.task.evaluate(self.backend.unwrap(self.module), self.eval_cfg.split)
+        with self.backend.full_params(self.module):
+            metrics = self.task.evaluate(self.backend.unwrap(self.module), self.eval_cfg.split)
         self._last_eval = {"epoch": epoch, "phase": phase.name, **metrics}
         value = metrics[self.task.metric]
         self.logger.eval({"epoch": epoch, "split": self.eval_cfg.split, "phase": phase.name, **metrics})
@@ -160,7 +188,8 @@ class Trainer:
     def _end_phase(self, phase: Phase, end: int) -> None:
         self._load_best()
         if self.eval_cfg.test_at_end:
-            metrics = self.task.evaluate(self.backend.unwrap(self.module), "test")
+            with self.backend.full_params(self.module):
+                metrics = self.task.evaluate(self.backend.unwrap(self.module), "test")
             self.state.results[phase.name] = {**metrics, "best_epoch": self.state.best_epoch}
             self.logger.eval({"epoch": end - 1, "split": "test", "phase": phase.name,
                               "best_epoch": self.state.best_epoch, **metrics})
@@ -185,7 +214,9 @@ class Trainer:
             stop = False
             while self.state.epoch < end and not stop:
                 epoch = self.state.epoch
-                self.task.on_epoch_start(epoch, self.backend.unwrap(self.module), phase)
+                if self.state.step == 0:  # mid-epoch resumes restored what the epoch start set up
+                    with self.backend.full_params(self.module):
+                        self.task.on_epoch_start(epoch, self.backend.unwrap(self.module), phase)
                 record = self._train_epoch(epoch)
                 record.update(self.task.epoch_stats(self.backend.unwrap(self.module)))
                 self.logger.train({"epoch": epoch, "phase": phase.name, **record})

@@ -11,6 +11,7 @@ import torch
 from snag_dist.config import Config, load_config, save_config
 from snag_dist.engine.backend import build_backend
 from snag_dist.engine.checkpoint import load_checkpoint
+from snag_dist.engine.dist import Collectives
 from snag_dist.engine.loop import Trainer
 from snag_dist.errors import CheckpointError
 from snag_dist.logging import MetricsLogger
@@ -22,9 +23,14 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     """Train ``cfg`` into ``run_dir``; ``callbacks`` get ``{epoch, phase, <metrics>, checkpoint}`` on every
     rank after each validation (the checkpoint path is set when one was saved that epoch)."""
     run_dir = Path(run_dir)
-    backend = build_backend(cfg.engine, cfg.train.grad_accum)
+    backend = build_backend(cfg.engine, cfg.train)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     task = TASKS.get(cfg.task.name)(cfg, backend.rank, backend.world_size, backend.device)
+    comm = Collectives.current()
+    if hasattr(task, "attach"):
+        task.attach(comm)
+    elif hasattr(task, "reduce_sum") and comm.active:
+        task.reduce_sum = comm.reduce_sum
     if backend.is_main:
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, enabled=backend.is_main, resume=resume)

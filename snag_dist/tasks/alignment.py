@@ -8,6 +8,7 @@ own slice of each global batch: equal step counts on every rank, each pair used 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +19,11 @@ from torch import nn
 
 from snag_dist.config import Config
 from snag_dist.data.stream import read_all_rows
-from snag_dist.engine.dist import generator
+from snag_dist.engine.dist import Collectives, generator
 from snag_dist.engine.loop import Phase
 from snag_dist.errors import DataError
-from snag_dist.eval.ranking import alignment_metrics, mutual_nearest_pairs
-from snag_dist.model.snag import SNAG, build_snag
+from snag_dist.eval.ranking import QueryShard, RankMetrics, alignment_ranks, mutual_nearest_pairs, rank_stats
+from snag_dist.model.snag import SNAG, SnagOutput, build_snag
 from snag_dist.tasks.alignment_losses import AlignmentLoss
 from snag_dist.tasks.common import GraphData, load_graph
 
@@ -36,13 +37,17 @@ class AlignmentModule(nn.Module):
         self.loss = loss
         self.graph: GraphData | None = None  # set by the task; plain attribute, never broadcast
         self.last_weights: torch.Tensor | None = None
+        self.comm = Collectives()  # set by the task: contrast over the global batch of all ranks
 
     def forward(self, pairs_B2: torch.Tensor) -> dict[str, torch.Tensor]:
         g = self.graph
         uniq_O, inv = torch.unique(pairs_B2, return_inverse=True)
         out = self.model(g.ids, g.features, g.present, g.edge_index, out_index=uniq_O)
         self.last_weights = out.modality_weights.detach().mean(0)
-        return self.loss(out, inv.view(-1, 2))
+        pairs = inv.view(-1, 2)
+        if self.comm.active:
+            out, pairs = gather_global_batch(out, pairs, self.comm)
+        return self.loss(out, pairs)
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -54,6 +59,28 @@ class AlignmentModule(nn.Module):
                  for a in range(0, len(ids), chunk)]
         self.train(was_training)
         return torch.cat(parts).float()
+
+
+def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Collectives) -> tuple[SnagOutput, torch.Tensor]:
+    """Every rank's entity rows (with gradient) and pairs, so each rank's loss contrasts the global batch.
+
+    Every rank then computes the same global loss; the gather's backward sums each rank's gradient
+    into the rows' owner, and the data-parallel average of parameter gradients equals the gradient of
+    one process computing the global batch (tested against a single process).
+    """
+    sizes = comm.sizes(out.joint.shape[0], out.joint.device)
+    rows = lambda t: comm.gather_rows(t, sizes)  # noqa: E731
+    gathered = dataclasses.replace(
+        out,
+        modality_emb={k: rows(v) for k, v in out.modality_emb.items()},
+        hidden={k: rows(v) for k, v in out.hidden.items()},
+        hidden_stack=rows(out.hidden_stack), modality_weights=rows(out.modality_weights),
+        joint=rows(out.joint), joint_global=rows(out.joint_global),
+        global_entity_weights=rows(out.global_entity_weights),
+        present=rows(out.present.to(torch.uint8)).bool(),
+    )
+    offset = sum(sizes[: comm.rank])
+    return gathered, comm.gather_rows(pairs_B2 + offset)
 
 
 class AlignmentTask:
@@ -74,8 +101,21 @@ class AlignmentTask:
         self.module = AlignmentModule(model, AlignmentLoss(self.acfg, model.modalities))
         self.device = device or torch.device("cpu")
         self.module.graph = graph.to(self.device)
+        self.comm = Collectives()
         self.pseudo = torch.zeros(0, 2, dtype=torch.long)
         self._candidates = torch.zeros(0, 2, dtype=torch.long)
+
+    def attach(self, comm: Collectives) -> None:
+        """Run across processes: contrast over the global batch, evaluate a shard per rank."""
+        self.comm = self.module.comm = comm
+
+    # -- task state (iterative learning) that checkpoints carry ---------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"pseudo": self.pseudo.clone(), "candidates": self._candidates.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.pseudo = state.get("pseudo", self.pseudo).long()
+        self._candidates = state.get("candidates", self._candidates).long()
 
     # -- schedule -----------------------------------------------------------------------------
     def phases(self, epochs: int) -> list[Phase]:
@@ -134,9 +174,18 @@ class AlignmentTask:
         if len(links) == 0:
             raise DataError(f"no '{split}' links to evaluate on")
         ids = torch.unique(links)
-        emb = module.embed(ids.to(self.device), self.cfg.eval.chunk_size).cpu()
+        # Each rank embeds and ranks its share; the rank sums add up to the single-process metrics.
+        shard = QueryShard(self.comm.rank, self.comm.world_size)
+        lo, hi = shard.bounds(len(ids))
+        part = ids[lo:hi] if hi > lo else ids[:1]  # an empty shard still joins the gather
+        mine = module.embed(part.to(self.device), self.cfg.eval.chunk_size)[: hi - lo]
+        emb = self.comm.gather_rows(mine).cpu()
         local = torch.searchsorted(ids, links)
-        metrics = alignment_metrics(emb, local, self.acfg.csls_k, self.cfg.eval.chunk_size)
+        ranks = alignment_ranks(emb, local, self.acfg.csls_k, self.cfg.eval.chunk_size,
+                                shard=shard if self.comm.active else None)
+        l2r, r2l = (self.comm.reduce_sum(rank_stats(r)) for r in (ranks.l2r, ranks.r2l))
+        metrics = RankMetrics.from_stats(l2r).as_dict()
+        metrics.update(RankMetrics.from_stats(r2l).as_dict("r2l/"))
         metrics["pseudo_links"] = float(len(self.pseudo))
         return metrics
 
