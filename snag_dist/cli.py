@@ -111,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_verbs() -> list[Callable]:
     """Verbs that live with their subsystem (training, evaluation, export, tuning)."""
-    from snag_dist import cli_train
+    from snag_dist import cli_train, cli_tune
 
-    return cli_train.REGISTER
+    return cli_train.REGISTER + cli_tune.REGISTER
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,69 @@
+"""The ``tune`` verb: Ray Tune search over a search-space YAML around a config (see tuning/README.md)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from snag_dist.errors import ConfigError
+
+FAULT_ENV = "SNAG_TUNE_FAULT"  # testing hook: EPOCH[:TIMES], trials raise after that epoch (tune.trainable.Fault)
+
+
+def _sources(args: argparse.Namespace, out: Path) -> tuple[str, str]:
+    """--config/--space, or on --resume the copies the first run saved in the experiment folder."""
+    config, space = args.config, args.space
+    if args.resume:
+        config = config or (str(out / "base.yaml") if (out / "base.yaml").is_file() else None)
+        space = space or (str(out / "space.yaml") if (out / "space.yaml").is_file() else None)
+    if not config or not space:
+        missing = "--config" if not config else "--space"
+        raise ConfigError(f"tune needs {missing} (it can be left out only with --resume of a saved search)")
+    return config, space
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from snag_dist.config import load_config, save_config
+    from snag_dist.tune import load_space, validate
+    from snag_dist.tune.runner import absolute_paths, run_search
+    from snag_dist.tune.trainable import Fault
+
+    out = Path(args.out).expanduser().resolve()
+    config, space_path = _sources(args, out)
+    overrides = list(args.set or [])
+    for flag, key in (("num_samples", "num_samples"), ("search", "search"), ("scheduler", "scheduler"),
+                      ("max_concurrent", "max_concurrent")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"tune.{key}={getattr(args, flag)}")
+    cfg = absolute_paths(load_config(config, overrides))
+    space = load_space(space_path)
+    validate(space, cfg, cfg.tune.search)
+    if not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "base.yaml")
+        if Path(space_path).resolve() != (out / "space.yaml"):
+            shutil.copyfile(space_path, out / "space.yaml")
+    fault = Fault.parse(os.environ.get(FAULT_ENV, ""))
+    run_search(cfg, space, out, resume=args.resume, fault=fault, verbose=0 if args.quiet else 1)
+    return 0
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="Ray Tune search (ASHA, random/Optuna) over a search-space YAML")
+    p.add_argument("--space", help="search-space YAML, e.g. tuning/alignment.yaml")
+    p.add_argument("--config", help="base config: YAML file or preset name (e.g. quickstart)")
+    p.add_argument("--num-samples", dest="num_samples", type=int, help="trials (sets tune.num_samples)")
+    p.add_argument("--search", choices=["random", "optuna"], help="search algorithm (sets tune.search)")
+    p.add_argument("--scheduler", choices=["asha", "none"], help="trial scheduler (sets tune.scheduler)")
+    p.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="trials at once (tune.max_concurrent)")
+    p.add_argument("--out", default="runs/tune/search", help="experiment folder (Ray state, trials, results)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override of the base config, e.g. train.epochs=20")
+    p.add_argument("--quiet", action="store_true", help="no Ray progress tables")
+    p.set_defaults(fn=_cmd_tune)
+
+
+REGISTER: list[Callable] = [_add_tune]

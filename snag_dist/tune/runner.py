@@ -1,0 +1,148 @@
+"""The search: a Ray Tune ``Tuner`` over trials of the engine, then the results table, best config and plots.
+
+Ray is local by default; with ``RAY_ADDRESS`` set (or ``ray start --head`` run on this machine) the
+Tuner joins that cluster. The experiment folder is ``--out``: Ray's state (so ``--resume`` can
+``Tuner.restore`` it), one folder per trial (``TRIAL/run`` is a normal run folder), ``results.csv``,
+``best.yaml`` and ``plots/``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snag_dist.config import Config, TuneConfig, replace, to_dict
+from snag_dist.errors import CheckpointError, ConfigError, TrainingError
+from snag_dist.tune.space import SearchSpace, apply, validate
+from snag_dist.tune.trainable import NO_FAULT, Fault
+
+# task name -> the class whose `metric` is its validation metric (hits@1 / mrr)
+_TASK_CLASSES = {"alignment": "snag_dist.tasks.alignment:AlignmentTask",
+                 "completion": "snag_dist.tasks.completion:CompletionTask"}
+REDUCTION_FACTOR = 2  # ASHA keeps the top half at each rung (small searches need a gentle cut)
+
+
+@dataclass(frozen=True)
+class TuneOutcome:
+    out: Path
+    metric: str
+    rows: list[dict[str, Any]]  # one per trial, best first (see outputs.trial_rows)
+    best_config: Path
+    plots: list[Path]
+
+
+def task_metric(task: str) -> str:
+    module, cls = _TASK_CLASSES[task].split(":")
+    return getattr(importlib.import_module(module), cls).metric
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Trials run in Ray's working folders: make every path of the config absolute first."""
+    fix = {}
+    for section, key in (("data", "shards"), ("data", "store_dir"), ("engine", "ds_config")):
+        value = getattr(getattr(cfg, section), key)
+        if value:
+            fix.setdefault(section, {})[key] = str(Path(value).expanduser().resolve())
+    return replace(cfg, fix) if fix else cfg
+
+
+def _search_alg(tcfg: TuneConfig, seed: int):
+    """Metric and mode come from TuneConfig (Ray refuses them twice)."""
+    if tcfg.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as exc:  # optuna is optional
+            raise ConfigError(f"--search optuna needs optuna installed (pip install optuna): {exc}") from None
+        return OptunaSearch(seed=seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # A SearchGenerator ignores TuneConfig.max_concurrent_trials: it takes the limit itself.
+    return BasicVariantGenerator(random_state=seed, max_concurrent=tcfg.max_concurrent)
+
+
+def _scheduler(tcfg: TuneConfig, cfg: Config, space: SearchSpace):
+    if tcfg.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # Time is epochs trained (of the trials' config: the space may fix or search train.epochs);
+    # grace_period counts evaluations, so it is scaled by eval_every.
+    trial = apply(cfg, space.fixed, {})
+    searched = [p for p in space.params if p.key == "train.epochs"]
+    max_t = max(searched[0].extremes()) if searched else trial.train.epochs
+    grace = min(tcfg.grace_period * trial.train.eval_every, max_t)
+    return ASHAScheduler(time_attr="epochs", max_t=max_t, grace_period=grace, reduction_factor=REDUCTION_FACTOR,
+                         stop_last_trials=False)  # a trial at max_t finishes its run (test split, summary)
+
+
+def trial_name(trial) -> str:
+    """Short trial names and folders (Ray's default packs every param into the folder name)."""
+    return f"trial_{trial.trial_id}"
+
+
+def _trainable(cfg: Config, space: SearchSpace, out: Path, fault: Fault):
+    from ray import tune
+
+    from snag_dist.tune.trainable import run_trial
+
+    bound = tune.with_parameters(run_trial, base=to_dict(cfg), fixed=space.fixed, exp_dir=str(out),
+                                fault=fault)
+    return tune.with_resources(bound, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
+
+
+def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False, fault: Fault = NO_FAULT,
+                verbose: int = 1):
+    from ray import tune
+
+    # Every report carries a checkpoint and num_to_keep forces a state snapshot: expected, not a warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    trainable = _trainable(cfg, space, out, fault)
+    if resume:
+        if not tune.Tuner.can_restore(str(out)):
+            raise CheckpointError(f"--resume: {out} holds no Ray Tune experiment to restore")
+        return tune.Tuner.restore(str(out), trainable, resume_unfinished=True, resume_errored=True)
+    if (out / "tuner.pkl").exists():
+        raise ConfigError(f"{out} already holds a search: pass --resume to continue it or choose another --out")
+    metric = task_metric(cfg.task.name)
+    tcfg = cfg.tune
+    tune_config = tune.TuneConfig(
+        metric=metric, mode="max", num_samples=tcfg.num_samples, search_alg=_search_alg(tcfg, cfg.train.seed),
+        scheduler=_scheduler(tcfg, cfg, space),
+        max_concurrent_trials=tcfg.max_concurrent if tcfg.search != "random" else None,
+        trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+        reuse_actors=True,  # a new trial reuses a finished trial's process: no second torch import
+    )
+    run_config = tune.RunConfig(
+        name=out.name, storage_path=str(out.parent), verbose=verbose,
+        failure_config=tune.FailureConfig(max_failures=tcfg.max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+    )
+    return tune.Tuner(trainable, param_space=space.to_ray(), tune_config=tune_config, run_config=run_config)
+
+
+def run_search(cfg: Config, space: SearchSpace, out: str | Path, resume: bool = False, fault: Fault = NO_FAULT,
+               verbose: int = 1, show: bool = True) -> TuneOutcome:
+    """Run (or resume) the search of ``space`` around ``cfg``; write results.csv, best.yaml and plots/.
+
+    ``fault`` (testing hook) makes trials raise after reporting an epoch (exercises retries and restore).
+    """
+    from snag_dist.tune import outputs
+
+    out = Path(out).expanduser().resolve()
+    cfg = absolute_paths(cfg)
+    validate(space, cfg, cfg.tune.search)
+    metric = task_metric(cfg.task.name)
+    grid = build_tuner(cfg, space, out, resume, fault, verbose).fit()
+    rows = outputs.trial_rows(grid, cfg, space, metric)
+    if not any(r["status"] != "error" for r in rows):
+        first = next((r["error"] for r in rows if r["error"]), "no trial reported")
+        raise TrainingError(f"every trial failed; first error: {first}")
+    best = outputs.write_best_config(rows, cfg, space, out / "best.yaml")
+    outputs.write_csv(rows, space, metric, out / "results.csv")
+    plots = outputs.plot_search(rows, space, cfg, metric, out / "plots")
+    if show:
+        outputs.print_table(rows, space, metric, out)
+    return TuneOutcome(out, metric, rows, best, plots)
