@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+BACKEND ?= accelerate
 demo: $(STAMP)
-	$(BIN)/python -m snag_dist.demo --out runs/demo
+	$(BIN)/python -m snag_dist.demo --out runs/demo --backend $(BACKEND)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

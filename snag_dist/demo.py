@@ -1,7 +1,8 @@
 """``make demo``: the main job end to end on the real sample shipped in ``data/sample``.
 
-prepare shards -> verify -> stream one epoch through 2 processes (torchrun, gloo) -> train SNAG
-(alignment, then completion) -> evaluate -> checkpoint -> export -> summary table.
+prepare shards -> verify -> stream one epoch through 2 processes (torchrun, gloo) -> train SNAG with
+2 processes (alignment, then completion; Accelerate DDP or DeepSpeed) -> evaluate -> checkpoint ->
+export -> summary table.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--epochs", type=int, default=0, help="override the preset's epochs (0 = keep)")
+    ap.add_argument("--backend", choices=["accelerate", "deepspeed"], default="accelerate",
+                    help="engine.backend of the two training runs")
+    ap.add_argument("--nproc", type=int, default=2, help="training processes (torchrun, gloo on CPU)")
     args = ap.parse_args()
     out = Path(args.out)
     py = [sys.executable, "-m", "snag_dist"]
@@ -49,17 +53,21 @@ def main() -> int:
     rows.append(("stream: 2 ranks x 2 workers", f"{stream['entities']:,} entities exactly once, "
                  f"{sum(stream['mib_per_s_per_rank']) / 2:.1f} MiB/s/rank"))
     extra = ["--set", f"train.epochs={args.epochs}"] if args.epochs else []
+    trainer = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+               "-m", "snag_dist", "train", "--set", f"engine.backend={args.backend}"]
+    one_thread = {"OMP_NUM_THREADS": "1"}  # the processes share this machine's cores
     run = out / "alignment"
-    _run([*py, "train", "--config", "quickstart", "--shards", str(shards / "dbp15k_fr_en_mini"), "--out", str(run),
-          *(extra or ["--set", "train.epochs=30"])])
+    _run([*trainer, "--config", "quickstart", "--shards", str(shards / "dbp15k_fr_en_mini"), "--out", str(run),
+          *(extra or ["--set", "train.epochs=30"])], env=one_thread)
     summary = json.loads((run / "summary.json").read_text())
     for phase, m in summary["test"].items():
         rows.append((f"alignment test ({phase})",
                      f"H@1 {m['hits@1']:.3f}  H@10 {m['hits@10']:.3f}  MRR {m['mrr']:.3f}"))
     rows.append(("alignment run folder", str(run)))
+    rows.append(("training", f"{args.nproc} processes, engine.backend={args.backend}"))
     crun = out / "completion"
-    _run([*py, "train", "--config", "quickstart_completion", "--shards", str(shards / "db15k_mini"), "--out",
-          str(crun), "--set", f"train.epochs={args.epochs or 20}", "--set", "train.eval_every=5"])
+    _run([*trainer, "--config", "quickstart_completion", "--shards", str(shards / "db15k_mini"), "--out",
+          str(crun), "--set", f"train.epochs={args.epochs or 20}", "--set", "train.eval_every=5"], env=one_thread)
     csum = json.loads((crun / "summary.json").read_text())
     for phase, m in csum["test"].items():
         rows.append((f"completion test ({phase})", f"MRR {m['mrr']:.3f}  H@1 {m['hits@1']:.3f}  "

@@ -35,6 +35,17 @@ class MetricsLogger:
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
         self._tb.flush()
 
+    def rewind(self, epoch: int) -> None:
+        """Resuming before ``epoch``: drop records a killed run wrote after its last checkpoint."""
+        if not self.enabled:
+            return
+        for name in ("metrics.jsonl", "train.jsonl"):
+            path = self.run_dir / name
+            kept = [r for r in read_jsonl(path) if int(r.get("epoch", 0)) < epoch]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp.replace(path)
+
     def train(self, record: dict[str, Any]) -> None:
         self._write("train.jsonl", record, "train")
 

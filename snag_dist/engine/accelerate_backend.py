@@ -25,6 +25,11 @@ class AccelerateBackend(ReplicatedState):
             plugin = FullyShardedDataParallelPlugin()
         # Some parameters (e.g. a dropped loss term's weights) may get no gradient in a step.
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        # Accelerate keeps one process-wide state; a process may train several runs (tests, Ray Tune
+        # trials), each with its own precision, so start from a clean one (the process group stays).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
         # Accumulation is the loop's (it scales the loss and calls step at boundaries), not Accelerate's.
         self.acc = Accelerator(cpu=use_cpu, mixed_precision="no" if cfg.precision == "fp32" else cfg.precision,
                                kwargs_handlers=[ddp], fsdp_plugin=plugin)

@@ -116,6 +116,9 @@ class Trainer:
             return False
         model, optim, state = load_checkpoint(path)
         self.state = FitState(**state["fit"])
+        if self.state.phase >= len(self.phases):
+            return True  # the run had finished: nothing left to train
+        self.logger.rewind(self.state.epoch)
         start, end = self._phase_bounds(self.state.phase)
         self.task.module.load_state_dict(model)
         if hasattr(self.task, "load_state_dict"):
@@ -125,6 +128,9 @@ class Trainer:
             self.optimizer.load_state_dict(optim)
         self.backend.load_optimizer_shards(self.optimizer, path)
         self.scheduler.load_state_dict(state["scheduler"])
+        # The lr the schedule had reached (a backend's partitioned optimizer state carries no groups).
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
         rng = load_rng(path).get(f"torch_cpu.rank{self.backend.rank}")
         if rng is not None:
             torch.set_rng_state(rng)
@@ -196,6 +202,8 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> FitState:
         resumed = resume and self.resume()
+        if self.state.phase >= len(self.phases):
+            return self.state
         if not resumed:
             self._setup_phase(self.phases[0], *self._phase_bounds(0))
         from tqdm.auto import tqdm

@@ -78,14 +78,25 @@ class _EdgeSpMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha_P: torch.Tensor, g_NH: torch.Tensor, edges: Edges) -> torch.Tensor:
+        # Sparse CSR kernels have no bf16/fp16 on CPU: under mixed precision this op runs in fp32.
+        ctx.dtypes = alpha_P.dtype, g_NH.dtype
+        alpha_P, g_NH = alpha_P.float(), g_NH.float()
         n = edges.num_nodes
         adj = torch.sparse_csr_tensor(edges.crow, edges.src, alpha_P, (n, n), check_invariants=False)
         ctx.save_for_backward(alpha_P, g_NH)
         ctx.edges = edges
-        return adj @ g_NH
+        with torch.autocast(g_NH.device.type, enabled=False):
+            return adj @ g_NH
 
     @staticmethod
     def backward(ctx, grad_NH: torch.Tensor):
+        with torch.autocast(grad_NH.device.type, enabled=False):
+            grad_alpha, grad_g, _ = _EdgeSpMM._backward(ctx, grad_NH.float())
+        return (grad_alpha.to(ctx.dtypes[0]) if grad_alpha is not None else None,
+                grad_g.to(ctx.dtypes[1]) if grad_g is not None else None, None)
+
+    @staticmethod
+    def _backward(ctx, grad_NH: torch.Tensor):
         alpha_P, g_NH = ctx.saved_tensors
         e: Edges = ctx.edges
         grad_alpha = grad_g = None
