@@ -27,20 +27,25 @@ FAULT_MARKER = "fault_injected"  # in the trial folder: how many injected faults
 
 @dataclass(frozen=True)
 class Fault:
-    """Testing hook: every trial raises after reporting epoch >= ``epoch``, ``times`` times in all
-    (a retried attempt raises again at its first report until the count is reached). 0 = off."""
+    """Testing hook: a trial raises after reporting epoch >= ``epoch``, ``times`` times in all (a retried
+    attempt raises again at its first report until the count is reached); only trials whose name ends
+    with ``trial`` (e.g. ``00000``, the first), every trial when empty. ``epoch`` 0 = off."""
 
     epoch: int = 0
     times: int = 1
+    trial: str = ""
+
+    def hits(self, trial_name: str, epochs: int, fired: int) -> bool:
+        return bool(self.epoch) and trial_name.endswith(self.trial) and epochs >= self.epoch and fired < self.times
 
     @classmethod
     def parse(cls, text: str) -> Fault:
-        """``"EPOCH"`` or ``"EPOCH:TIMES"`` (the SNAG_TUNE_FAULT environment variable)."""
+        """``EPOCH[:TIMES[:TRIAL]]`` (the SNAG_TUNE_FAULT environment variable)."""
+        parts = text.split(":") if text else ["0"]
         try:
-            parts = [int(x) for x in text.split(":")] if text else [0]
-            return cls(*parts)
-        except (TypeError, ValueError):
-            raise ConfigError(f"fault spec '{text}' must be EPOCH or EPOCH:TIMES (integers)") from None
+            return cls(int(parts[0]), *([int(parts[1])] if len(parts) > 1 else []), *parts[2:3])
+        except ValueError:
+            raise ConfigError(f"fault spec '{text}' must be EPOCH[:TIMES[:TRIAL]] (integers, trial suffix)") from None
 
 
 NO_FAULT = Fault()
@@ -113,7 +118,7 @@ class Reporter:
     def _maybe_fail(self, epochs: int) -> None:
         marker = self.trial_dir / FAULT_MARKER
         fired = int(marker.read_text().split()[0]) if marker.is_file() else 0
-        if self.fault.epoch and epochs >= self.fault.epoch and fired < self.fault.times:
+        if self.fault.hits(self.trial_dir.name, epochs, fired):
             marker.write_text(f"{fired + 1} {epochs}")
             raise InjectedFault(f"injected fault {fired + 1}/{self.fault.times} after epoch {epochs}")
 
