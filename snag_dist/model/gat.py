@@ -69,6 +69,10 @@ def _crow(rows_sorted: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
+def _widen(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class _EdgeSpMM(torch.autograd.Function):
     """out_i = sum_j alpha_ij g_j over the edges, with a sparse backward.
 
@@ -80,7 +84,7 @@ class _EdgeSpMM(torch.autograd.Function):
     def forward(ctx, alpha_P: torch.Tensor, g_NH: torch.Tensor, edges: Edges) -> torch.Tensor:
         # Sparse CSR kernels have no bf16/fp16 on CPU: under mixed precision this op runs in fp32.
         ctx.dtypes = alpha_P.dtype, g_NH.dtype
-        alpha_P, g_NH = alpha_P.float(), g_NH.float()
+        alpha_P, g_NH = _widen(alpha_P), _widen(g_NH)
         n = edges.num_nodes
         adj = torch.sparse_csr_tensor(edges.crow, edges.src, alpha_P, (n, n), check_invariants=False)
         ctx.save_for_backward(alpha_P, g_NH)
@@ -91,7 +95,7 @@ class _EdgeSpMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_NH: torch.Tensor):
         with torch.autocast(grad_NH.device.type, enabled=False):
-            grad_alpha, grad_g, _ = _EdgeSpMM._backward(ctx, grad_NH.float())
+            grad_alpha, grad_g, _ = _EdgeSpMM._backward(ctx, _widen(grad_NH))
         return (grad_alpha.to(ctx.dtypes[0]) if grad_alpha is not None else None,
                 grad_g.to(ctx.dtypes[1]) if grad_g is not None else None, None)
 
