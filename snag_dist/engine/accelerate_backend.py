@@ -33,6 +33,7 @@ class AccelerateBackend(ReplicatedState):
         # Accumulation is the loop's (it scales the loss and calls step at boundaries), not Accelerate's.
         self.acc = Accelerator(cpu=use_cpu, mixed_precision="no" if cfg.precision == "fp32" else cfg.precision,
                                kwargs_handlers=[ddp], fsdp_plugin=plugin)
+        self.fsdp = cfg.fsdp
         self.device = self.acc.device
         self.rank = self.acc.process_index
         self.world_size = self.acc.num_processes
@@ -62,6 +63,15 @@ class AccelerateBackend(ReplicatedState):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def full_params(self, module: nn.Module, modify: bool = False):
+        """FSDP keeps only this rank's shard between forwards: evaluation, checkpoints and the task's
+        epoch hooks see whole parameters inside (``modify``: changes are written back to the shards)."""
+        if not self.fsdp:
+            return super().full_params(module, modify)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(module, writeback=modify)
 
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.acc.unwrap_model(module)

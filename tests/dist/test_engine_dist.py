@@ -96,3 +96,13 @@ def test_two_node_launch_with_c10d_rendezvous(sample_shards, reference, tmp_path
     assert all(a.returncode == 0 for a in agents), logs[0][-3000:] + logs[1][-3000:]
     _same_curve(out, reference)
     assert (out / "checkpoints" / "epoch_3" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_accelerate_fsdp_two_processes_match_one(sample_shards, reference, tmp_path):  # noqa: F811
+    out = tmp_path / "fsdp"
+    run(torchrun(2, _cli(sample_shards, out, ("engine.fsdp=true", "train.checkpoint_every_steps=0"))))
+    _same_curve(out, reference, rel=1e-4, metric_tol=2e-3)
+    saved = weights(out, "epoch_3")  # whole parameters, not this rank's shard
+    assert saved.keys() == weights(reference, "epoch_3").keys()
+    assert all(saved[k].shape == v.shape for k, v in weights(reference, "epoch_3").items())
