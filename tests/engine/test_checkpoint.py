@@ -73,3 +73,16 @@ def test_nan_loss_is_a_clear_error(sample_shards, tmp_path, capsys):  # noqa: F8
                  "--set", "model.modalities=[structure,relation]", "--quiet"]) == 1
     err = capsys.readouterr().err.strip()
     assert "non-finite loss" in err and len(err.splitlines()) == 1
+
+
+def test_resume_from_corrupt_checkpoint_is_a_one_line_error(sample_shards, tmp_path, capsys):  # noqa: F811
+    args = ["train", "--config", "quickstart", "--shards", str(sample_shards), "--out", str(tmp_path / "r"), "--quiet",
+            "--set", "model.modalities=[structure,relation]", "--set", "model.hidden=32", "--set", "train.epochs=2",
+            "--set", "train.eval_every=2", "--set", "train.checkpoint_every=1"]
+    assert main(args) == 0
+    latest = tmp_path / "r" / "checkpoints" / "epoch_2"
+    (latest / "optim.safetensors").write_bytes(b"\x00" * 64)
+    capsys.readouterr()
+    assert main([*args, "--resume", "auto"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "corrupt" in err and str(latest) in err and len(err.splitlines()) == 1
