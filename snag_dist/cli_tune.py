@@ -35,7 +35,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     config, space_path = _sources(args, out)
     overrides = list(args.set or [])
     for flag, key in (("num_samples", "num_samples"), ("search", "search"), ("scheduler", "scheduler"),
-                      ("max_concurrent", "max_concurrent")):
+                      ("max_concurrent", "max_concurrent"), ("workers_per_trial", "workers_per_trial")):
         if getattr(args, flag) is not None:
             overrides.append(f"tune.{key}={getattr(args, flag)}")
     cfg = absolute_paths(load_config(config, overrides))
@@ -59,6 +59,8 @@ def _add_tune(sub) -> None:
     p.add_argument("--search", choices=["random", "optuna"], help="search algorithm (sets tune.search)")
     p.add_argument("--scheduler", choices=["asha", "none"], help="trial scheduler (sets tune.scheduler)")
     p.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="trials at once (tune.max_concurrent)")
+    p.add_argument("--workers-per-trial", dest="workers_per_trial", type=int,
+                   help="processes per trial; > 1 runs a Ray Train TorchTrainer (tune.workers_per_trial)")
     p.add_argument("--out", default="runs/tune/search", help="experiment folder (Ray state, trials, results)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override of the base config, e.g. train.epochs=20")

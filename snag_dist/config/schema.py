@@ -146,8 +146,9 @@ class TuneConfig:
     search: Literal["random", "optuna"] = doc("random", "search algorithm")
     scheduler: Literal["asha", "none"] = doc("asha", "trial scheduler")
     max_concurrent: PosInt = doc(2, "trials running at once")
-    cpus_per_trial: PosFloat = doc(1.0, "CPUs per trial")
-    gpus_per_trial: Annotated[float, Field(ge=0.0)] = doc(0.0, "GPUs per trial")
+    cpus_per_trial: PosFloat = doc(1.0, "CPUs per trial (per worker when workers_per_trial > 1)")
+    gpus_per_trial: Annotated[float, Field(ge=0.0)] = doc(0.0, "GPUs per trial (per worker, as above)")
+    workers_per_trial: PosInt = doc(1, "processes per trial: > 1 runs each trial as a Ray Train TorchTrainer")
     grace_period: PosInt = doc(1, "ASHA: evaluations before a trial may be stopped")
     max_failures: NonNegInt = doc(1, "retries of a crashed trial from its last checkpoint")
 

@@ -22,6 +22,7 @@ from snag_dist.tune.trainable import NO_FAULT, Fault
 # task name -> the class whose `metric` is its validation metric (hits@1 / mrr)
 _TASK_CLASSES = {"alignment": "snag_dist.tasks.alignment:AlignmentTask",
                  "completion": "snag_dist.tasks.completion:CompletionTask"}
+DRIVER_MEMORY = 64 * 2**20  # bytes Tune reserves for a multi-worker trial's driver (it takes no CPU)
 REDUCTION_FACTOR = 2  # ASHA keeps the top half at each rung (small searches need a gentle cut)
 
 
@@ -86,11 +87,17 @@ def trial_name(trial) -> str:
 def _trainable(cfg: Config, space: SearchSpace, out: Path, fault: Fault):
     from ray import tune
 
-    from snag_dist.tune.trainable import run_trial
+    from snag_dist.tune.trainable import run_trial, run_trial_workers
 
-    bound = tune.with_parameters(run_trial, base=to_dict(cfg), fixed=space.fixed, exp_dir=str(out),
-                                fault=fault)
-    return tune.with_resources(bound, {"cpu": cfg.tune.cpus_per_trial, "gpu": cfg.tune.gpus_per_trial})
+    tcfg, common = cfg.tune, {"base": to_dict(cfg), "fixed": space.fixed, "exp_dir": str(out), "fault": fault}
+    if tcfg.workers_per_trial == 1:
+        bound = tune.with_parameters(run_trial, **common)
+        return tune.with_resources(bound, {"cpu": tcfg.cpus_per_trial, "gpu": tcfg.gpus_per_trial})
+    # The trial only drives a TorchTrainer: its workers hold the CPUs/GPUs, the driver takes no CPU
+    # (Tune refuses an empty request: it asks for a little memory instead).
+    bound = tune.with_parameters(run_trial_workers, **common, workers=tcfg.workers_per_trial,
+                                 cpus=tcfg.cpus_per_trial, gpus=tcfg.gpus_per_trial)
+    return tune.with_resources(bound, {"cpu": 0, "memory": DRIVER_MEMORY})
 
 
 def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False, fault: Fault = NO_FAULT,
@@ -113,7 +120,9 @@ def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False
         scheduler=_scheduler(tcfg, cfg, space),
         max_concurrent_trials=tcfg.max_concurrent if tcfg.search != "random" else None,
         trial_name_creator=trial_name, trial_dirname_creator=trial_name,
-        reuse_actors=True,  # a new trial reuses a finished trial's process: no second torch import
+        # A new trial reuses a finished trial's process: no second torch import. Not for multi-worker
+        # trials: a stopped trial's driver is ended, and its Ray Train workers with it.
+        reuse_actors=tcfg.workers_per_trial == 1,
     )
     run_config = tune.RunConfig(
         name=out.name, storage_path=str(out.parent), verbose=verbose,

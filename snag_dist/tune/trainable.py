@@ -5,6 +5,14 @@ saved at every validation (``train.checkpoint_every = train.eval_every``) so eac
 The run folder lives in the trial's folder (``TRIAL/run``: metrics.jsonl, plots, summary.json).
 A retried trial (FailureConfig) or a resumed search (Tuner.restore) copies the last reported checkpoint
 back into ``TRIAL/run/checkpoints`` and continues with ``train(..., resume=True)``.
+
+With ``tune.workers_per_trial`` N > 1 the trial function only drives a Ray Train ``TorchTrainer``
+(``run_trial_workers``): N workers (gloo on CPU, nccl on GPU) each call the same ``train``; Accelerate
+joins the process group Ray Train set up (RANK/WORLD_SIZE/LOCAL_RANK), so the engine runs with world
+size N. Every rank calls ``ray.train.report`` after each validation, rank 0 with the checkpoint; Ray
+Train keeps them in ``TRIAL/train`` and ``TuneReportCallback`` forwards rank 0's metrics to Tune. A
+retried trial starts a TorchTrainer with the same name and storage, which restores its latest checkpoint
+(``ray.train.get_checkpoint``); rank 0 copies it back into ``TRIAL/run/checkpoints`` as above.
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ def _epoch_of(folder: Path) -> int:
     return int(folder.name.split("_")[1])
 
 
+def restored_epochs(run_dir: Path) -> int:
+    return max((_epoch_of(p) for p in (run_dir / "checkpoints").glob("epoch_*")), default=0)
+
+
 def restore(checkpoint_dir: Path | None, run_dir: Path) -> int:
     """Put a reported checkpoint back into ``run_dir``; return the epochs it holds (0 = fresh start)."""
     if checkpoint_dir is None:
@@ -72,7 +84,7 @@ def restore(checkpoint_dir: Path | None, run_dir: Path) -> int:
     ckpts = run_dir / "checkpoints"
     shutil.rmtree(ckpts, ignore_errors=True)
     shutil.copytree(checkpoint_dir, ckpts)
-    epochs = max((_epoch_of(p) for p in ckpts.glob("epoch_*")), default=0)
+    epochs = restored_epochs(run_dir)
     for name in ("metrics.jsonl", "train.jsonl"):  # drop what the failed attempt logged after the checkpoint
         _trim_jsonl(run_dir / name, epochs)
     return epochs
@@ -88,25 +100,35 @@ def _trim_jsonl(path: Path, epochs: int) -> None:
 class Reporter:
     """Engine callback: ``ray.tune.report`` every validation, with ``epoch_N`` (+ ``best``) as checkpoint."""
 
+    stages = True  # this process sends the checkpoint (and runs the fault hook)
+
     def __init__(self, run_dir: Path, trial_dir: Path, resumed_from: int, fault: Fault = NO_FAULT) -> None:
         self.run_dir, self.trial_dir = run_dir, trial_dir
         self.resumed_from, self.fault = resumed_from, fault
 
-    def __call__(self, info: dict[str, Any]) -> None:
-        from ray import tune
-
+    def metrics(self, info: dict[str, Any]) -> dict[str, Any]:
         metrics = {k: v for k, v in info.items() if k != "checkpoint"}
         metrics.update(epochs=info["epoch"] + 1, resumed_from=self.resumed_from)
-        if info.get("checkpoint") is None:
-            tune.report(metrics)
+        return metrics
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        metrics = self.metrics(info)
+        if info.get("checkpoint") is None or not self.stages:
+            self.report(metrics, None)
         else:
             stage = Path(tempfile.mkdtemp(prefix=".report-", dir=self.trial_dir))
             try:
                 self._stage(Path(info["checkpoint"]), stage)
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(stage)))
+                self.report(metrics, stage)
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
-        self._maybe_fail(metrics["epochs"])
+        if self.stages:
+            self._maybe_fail(metrics["epochs"])
+
+    def report(self, metrics: dict[str, Any], stage: Path | None) -> None:
+        from ray import tune
+
+        tune.report(metrics, checkpoint=None if stage is None else tune.Checkpoint.from_directory(str(stage)))
 
     def _stage(self, epoch_dir: Path, stage: Path) -> None:
         # Hard links: Ray copies the files into checkpoint_00000K; the engine replaces folders, never files.
@@ -146,3 +168,80 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any
             resumed_from = restore(Path(src), run_dir)
     reporter = Reporter(run_dir, trial_dir, resumed_from, fault)
     train(cfg, run_dir, resume=resumed_from > 0, progress=False, callbacks=[reporter])
+
+
+TRAIN_RUN = "train"  # Ray Train's run folder (its checkpoints and state) in the trial folder
+
+
+class WorkerReporter(Reporter):
+    """In a Ray Train worker: every rank calls ``ray.train.report`` (a barrier across workers); rank 0
+    passes the checkpoint and runs the fault hook. ``world_size`` is the process group the engine used."""
+
+    def __init__(self, run_dir: Path, trial_dir: Path, resumed_from: int, fault: Fault, rank: int,
+                 world_size: int) -> None:
+        super().__init__(run_dir, trial_dir, resumed_from, fault)
+        self.stages, self.world_size = rank == 0, world_size
+
+    def metrics(self, info: dict[str, Any]) -> dict[str, Any]:
+        return {**super().metrics(info), "world_size": self.world_size}
+
+    def report(self, metrics: dict[str, Any], stage: Path | None) -> None:
+        import ray.train
+
+        checkpoint = None if stage is None else ray.train.Checkpoint.from_directory(str(stage))
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the TorchTrainer: restore (rank 0), then the engine's ``train``."""
+    import ray.train
+    import torch.distributed as dist
+
+    from snag_dist.engine.run import train
+
+    trial_dir = Path(loop_config["trial_dir"])
+    run_dir = trial_dir / "run"
+    cfg = trial_config(loop_config["base"], loop_config["fixed"], loop_config["params"])
+    rank = ray.train.get_context().get_world_rank()
+    checkpoint = ray.train.get_checkpoint()
+    if rank == 0:  # the run folder is shared (one machine, or a filesystem every node sees)
+        if checkpoint is None:
+            restore(None, run_dir)
+        else:
+            with checkpoint.as_directory() as src:
+                restore(Path(src), run_dir)
+    dist.barrier()
+    resumed_from = restored_epochs(run_dir) if checkpoint is not None else 0
+    reporter = WorkerReporter(run_dir, trial_dir, resumed_from, loop_config["fault"], rank, dist.get_world_size())
+    train(cfg, run_dir, resume=resumed_from > 0, progress=False, callbacks=[reporter])
+
+
+def run_trial_workers(params: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any], exp_dir: str,
+                      fault: Fault = NO_FAULT, workers: int = 2, cpus: float = 1.0, gpus: float = 0.0) -> None:
+    """Ray Tune function trainable of a multi-worker trial: it drives a ``TorchTrainer`` of ``workers``
+    processes (``cpus``/``gpus`` each; gloo on CPU, nccl on GPU) and needs no resources itself.
+
+    Ray Train's run is ``TRIAL/train`` (name and storage fixed per trial): a retried trial or a resumed
+    search starts it again and Ray Train hands the workers its latest checkpoint. Worker failures are
+    not retried by Ray Train: the trial fails and Tune's FailureConfig retries it (one retry count).
+    """
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial_dir = Path(exp_dir) / tune.get_context().get_trial_name()
+    per_worker = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"params": params, "base": base, "fixed": fixed, "trial_dir": str(trial_dir),
+                           "fault": fault},
+        torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=TRAIN_RUN, storage_path=str(trial_dir), callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+    )
+    trainer.fit()
