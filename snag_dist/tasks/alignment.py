@@ -45,9 +45,10 @@ class AlignmentModule(nn.Module):
         out = self.model(g.ids, g.features, g.present, g.edge_index, out_index=uniq_O)
         self.last_weights = out.modality_weights.detach().mean(0)
         pairs = inv.view(-1, 2)
-        if self.comm.active:
-            out, pairs = gather_global_batch(out, pairs, self.comm)
-        return self.loss(out, pairs)
+        if not self.comm.active:
+            return self.loss(out, pairs)
+        out, pairs, rows = gather_global_batch(out, pairs, self.comm)
+        return self.loss(out, pairs, rows=rows, scale=float(self.comm.world_size))
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -61,12 +62,15 @@ class AlignmentModule(nn.Module):
         return torch.cat(parts).float()
 
 
-def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Collectives) -> tuple[SnagOutput, torch.Tensor]:
+def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Collectives,
+                        ) -> tuple[SnagOutput, torch.Tensor, slice]:
     """Every rank's entity rows (with gradient) and pairs, so each rank's loss contrasts the global batch.
 
-    Every rank then computes the same global loss; the gather's backward sums each rank's gradient
-    into the rows' owner, and the data-parallel average of parameter gradients equals the gradient of
-    one process computing the global batch (tested against a single process).
+    Returns the gathered output, the global pairs and this rank's rows among them. Each rank computes
+    the loss rows of its own pairs against the whole batch (1/world of the (B, B) work) times the
+    world size; the gather's backward sums every rank's gradient into the rows' owner, so the
+    data-parallel average of parameter gradients equals one process training the global batch
+    (tested against a single process).
     """
     sizes = comm.sizes(out.joint.shape[0], out.joint.device)
     rows = lambda t: comm.gather_rows(t, sizes)  # noqa: E731
@@ -80,7 +84,10 @@ def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Collectiv
         present=rows(out.present.to(torch.uint8)).bool(),
     )
     offset = sum(sizes[: comm.rank])
-    return gathered, comm.gather_rows(pairs_B2 + offset)
+    pair_sizes = comm.sizes(pairs_B2.shape[0], pairs_B2.device)
+    first = sum(pair_sizes[: comm.rank])
+    rows = slice(first, first + pairs_B2.shape[0])
+    return gathered, comm.gather_rows(pairs_B2 + offset, pair_sizes), rows
 
 
 class AlignmentTask:

@@ -28,23 +28,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snag_dist.config.schema import AlignmentConfig
-from snag_dist.tasks.fused_nce import fused_info_nce
+from snag_dist.tasks.fused_nce import fused_info_nce, fused_row_info_nce
 
 # Legend: B pairs in the batch, E entities, M modalities, H hidden, D any embedding dim.
 
 @dataclass
 class Sims:
-    """Cosine similarities inside a batch of pairs: left x right, left x left, right x right (B, B)."""
+    """Cosine similarities inside a batch of pairs: left x right, left x left, right x right (B, B).
+
+    Row-sharded form (a data-parallel rank's share, ``pos`` set): rows are this rank's b pairs, columns
+    the global batch: ab/aa (b, B) = its lefts vs all rights/lefts, ba/bb (b, B) = its rights vs all
+    lefts/rights, and ``pos`` (b,) the global index of each row's pair.
+    """
 
     ab: Tensor
     aa: Tensor
     bb: Tensor
+    ba: Tensor | None = None
+    pos: Tensor | None = None
 
 
-def similarities(left_bd: Tensor, right_bd: Tensor) -> Sims:
+def similarities(left_bd: Tensor, right_bd: Tensor, rows: slice | None = None) -> Sims:
     left_bd = F.normalize(left_bd.float(), dim=1)
     right_bd = F.normalize(right_bd.float(), dim=1)
-    return Sims(left_bd @ right_bd.T, left_bd @ left_bd.T, right_bd @ right_bd.T)
+    if rows is None:
+        return Sims(left_bd @ right_bd.T, left_bd @ left_bd.T, right_bd @ right_bd.T)
+    mine_l, mine_r = left_bd[rows], right_bd[rows]
+    pos = torch.arange(rows.start, rows.stop, device=left_bd.device)
+    return Sims(mine_l @ right_bd.T, mine_l @ left_bd.T, mine_r @ right_bd.T, mine_r @ left_bd.T, pos)
 
 
 def joint_similarities(per_m: list[Sims], w_left_bm: Tensor, w_right_bm: Tensor,
@@ -66,8 +77,13 @@ def joint_similarities(per_m: list[Sims], w_left_bm: Tensor, w_right_bm: Tensor,
             out = term if out is None else out + term
         return out
 
-    return Sims(combine([s.ab for s in per_m], wl, wr), combine([s.aa for s in per_m], wl, wl),
-                combine([s.bb for s in per_m], wr, wr))
+    first = per_m[0]
+    if first.pos is None:
+        return Sims(combine([s.ab for s in per_m], wl, wr), combine([s.aa for s in per_m], wl, wl),
+                    combine([s.bb for s in per_m], wr, wr))
+    ml, mr = wl[first.pos], wr[first.pos]  # row-sharded: this rank's rows x the global batch
+    return Sims(combine([s.ab for s in per_m], ml, wr), combine([s.aa for s in per_m], ml, wl),
+                combine([s.bb for s in per_m], mr, wr), combine([s.ba for s in per_m], mr, wl), first.pos)
 
 
 def info_nce(sims: Sims, tau: float, pair_weight_b: Tensor | None = None, valid_b: Tensor | None = None) -> Tensor:
@@ -76,6 +92,8 @@ def info_nce(sims: Sims, tau: float, pair_weight_b: Tensor | None = None, valid_
     Computed by one fused autograd function (``fused_nce``): same value and gradients as the
     written-out [cross-KG | same-KG] cross-entropy, without its many passes over (B, B) matrices.
     """
+    if sims.pos is not None:
+        return fused_row_info_nce(sims.ab, sims.aa, sims.ba, sims.bb, sims.pos, tau, pair_weight_b, valid_b)
     return fused_info_nce(sims.ab, sims.aa, sims.bb, tau, pair_weight_b, valid_b)
 
 
@@ -122,13 +140,19 @@ class AlignmentLoss(nn.Module):
         self.modalities = list(modalities)
         self.ecia = UncertaintyWeighting(self.modalities) if cfg.ecia_weight > 0 else None
         self.iir = UncertaintyWeighting(self.modalities) if cfg.iir_weight > 0 else None
+        self._rows: slice | None = None  # this call's row share (see forward)
+        self._scale = 1.0
 
-    def forward(self, out: Any, pairs: Tensor) -> dict[str, Tensor]:
+    def forward(self, out: Any, pairs: Tensor, rows: slice | None = None, scale: float = 1.0) -> dict[str, Tensor]:
         """out: SnagOutput over E entities; pairs (B, 2) long entity indices into E.
 
         Returns "loss" (to backprop) and detached "gmi", "ecia", "iir" and per-modality
-        "ecia/<m>", "iir/<m>" for logging.
+        "ecia/<m>", "iir/<m>" for logging. Data-parallel: ``rows`` are this rank's pairs of the
+        global batch ``pairs`` and ``scale`` the world size; every contrastive term is this rank's
+        share times ``scale``, so the ranks' mean is the global-batch loss (and, averaged by DDP,
+        its gradient).
         """
+        self._rows, self._scale = rows, scale
         pairs = pairs.to(out.joint.device, torch.long)
         zero = out.joint.new_zeros(())
         total, logs = zero, {"gmi": zero, "ecia": zero, "iir": zero}
@@ -142,18 +166,20 @@ class AlignmentLoss(nn.Module):
             total, logs["ecia"] = total + self.cfg.ecia_weight * ecia, ecia
             logs.update({f"ecia/{m}": v for m, v in per_m.items()})
         if self.iir is not None:
-            hidden_sims = {m: similarities(out.hidden[m][pairs[:, 0]], out.hidden[m][pairs[:, 1]])
+            hidden_sims = {m: similarities(out.hidden[m][pairs[:, 0]], out.hidden[m][pairs[:, 1]], self._rows)
                            for m in self.modalities if m in out.hidden and m in out.modalities}
             iir, per_m = self._per_modality(hidden_sims, out, pairs, self.iir, weighted=False)
             total, logs["iir"] = total + self.cfg.iir_weight * iir, iir
             logs.update({f"iir/{m}": v for m, v in per_m.items()})
         return {"loss": total, **{k: v.detach() for k, v in logs.items()}}
 
-    @staticmethod
-    def _modality_sims(out: Any, pairs: Tensor) -> dict[str, Sims]:
+    def _modality_sims(self, out: Any, pairs: Tensor) -> dict[str, Sims]:
         """Per-modality cosine matrices of the encoder outputs: shared by ECIA and GMI."""
-        return {m: similarities(out.modality_emb[m][pairs[:, 0]], out.modality_emb[m][pairs[:, 1]])
+        return {m: similarities(out.modality_emb[m][pairs[:, 0]], out.modality_emb[m][pairs[:, 1]], self._rows)
                 for m in out.modalities}
+
+    def _nce(self, sims: Sims, pair_weight_b: Tensor | None = None, valid_b: Tensor | None = None) -> Tensor:
+        return info_nce(sims, self.cfg.tau, pair_weight_b, valid_b) * self._scale
 
     def _gmi(self, out: Any, pairs: Tensor, sims: dict[str, Sims]) -> Tensor:
         """Contrastive loss on the joint and the global-weight joint embeddings (from shared sims)."""
@@ -163,7 +189,7 @@ class AlignmentLoss(nn.Module):
         loss = out.joint.new_zeros(())
         for w in (out.modality_weights, out.global_entity_weights):
             joint = joint_similarities(per_m, w[left].float(), w[right].float(), unit[left], unit[right])
-            loss = loss + info_nce(joint, self.cfg.tau)
+            loss = loss + self._nce(joint)
         return loss
 
     def _per_modality(
@@ -186,7 +212,7 @@ class AlignmentLoss(nn.Module):
                 # x M as in the reference: weights average 1/M, so this keeps ECIA on IIR's scale.
                 w_em = out.modality_weights.detach()
                 weight_b = torch.minimum(w_em[left, col], w_em[right, col]) * len(out.modalities)
-            loss = info_nce(sims[m], self.cfg.tau, weight_b, valid_b)
+            loss = self._nce(sims[m], weight_b, valid_b)
             losses.append(loss)
             active.append(valid_b.any().to(loss.dtype))
             per_m[m] = loss

@@ -93,3 +93,65 @@ def fused_info_nce(ab: Tensor, aa: Tensor, bb: Tensor, tau: float, pair_weight_b
     else:
         coef = weight / n
     return InfoNCE.apply(ab, aa, bb, tau, coef, keep)
+
+
+class RowInfoNCE(torch.autograd.Function):
+    """One direction of the InfoNCE for a block of rows against all columns (the row-sharded form).
+
+    Row i (global pair ``pos_i``) scores its cross-KG candidates ``cross[i, :]`` (positive at
+    ``pos_i``) and its same-KG negatives ``same[i, j != pos_i]``: loss_i = lse_i - cross[i, pos_i]/tau.
+    Each process of a data-parallel run takes the rows of its own pairs, so the (B, B) work is split.
+    """
+
+    @staticmethod
+    def forward(ctx, cross: Tensor, same: Tensor, pos: Tensor, tau: float, coef: Tensor, keep: Tensor | None):
+        n, inv = cross.shape[0], 1.0 / tau
+        total = cross.new_zeros(n)
+        keep_row = keep[None, :] if keep is not None else None
+        rows = torch.arange(n, device=cross.device)
+        for a, b in _blocks(n):
+            total[a:b] += _exp_block(cross[a:b], inv, keep_row, None).sum(1)
+            e = _exp_block(same[a:b], inv, keep_row, None)
+            e[rows[: b - a], pos[a:b]] = 0.0
+            total[a:b] += e.sum(1)
+        lse = total.clamp_min(1e-30).log_() + inv
+        per_row = lse - cross[rows, pos] * inv
+        ctx.save_for_backward(cross, same, pos, coef, lse, keep if keep is not None else cross.new_ones(0))
+        ctx.tau = tau
+        return (coef * per_row).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cross, same, pos, coef, lse, keep = ctx.saved_tensors
+        keep_row = keep[None, :] if keep.numel() else None
+        n, inv = cross.shape[0], 1.0 / ctx.tau
+        c = coef * grad
+        scale = c * torch.exp(inv - lse) * inv
+        rows = torch.arange(n, device=cross.device)
+        g_cross, g_same = torch.empty_like(cross), torch.empty_like(same)
+        for a, b in _blocks(n):
+            g_cross[a:b] = _exp_block(cross[a:b], inv, keep_row, None).mul_(scale[a:b, None])
+            e = _exp_block(same[a:b], inv, keep_row, None)
+            e[rows[: b - a], pos[a:b]] = 0.0
+            g_same[a:b] = e.mul_(scale[a:b, None])
+        g_cross[rows, pos] -= c * inv
+        return g_cross, g_same, None, None, None, None
+
+
+def fused_row_info_nce(ab: Tensor, aa: Tensor, ba: Tensor, bb: Tensor, pos: Tensor, tau: float,
+                       pair_weight: Tensor | None = None, valid: Tensor | None = None) -> Tensor:
+    """The both-ways InfoNCE of ``fused_info_nce`` restricted to the rows ``pos`` of the global batch.
+
+    ab/aa: (b, B) this block's lefts vs all rights / lefts; ba/bb: its rights vs all lefts / rights;
+    ``pair_weight`` and ``valid`` (B,) are over the global batch. Summed over the blocks of all rows,
+    the result equals ``fused_info_nce`` of the global batch.
+    """
+    n_all = ab.shape[1]
+    weight = ab.new_ones(n_all) if pair_weight is None else pair_weight.detach().to(ab.dtype)
+    keep = None
+    if valid is not None:
+        keep = valid.to(ab.dtype)
+        coef = (weight * keep)[pos] / keep.sum().clamp_min(1.0)
+    else:
+        coef = weight[pos] / n_all
+    return 0.5 * (RowInfoNCE.apply(ab, aa, pos, tau, coef, keep) + RowInfoNCE.apply(ba, bb, pos, tau, coef, keep))

@@ -37,7 +37,9 @@ def reference(sample_shards, tmp_path_factory):  # noqa: F811
     return out
 
 
-def _same_curve(run_dir: Path, ref: Path, rel: float = 1e-5, metric_tol: float = 1e-5) -> None:
+def _same_curve(run_dir: Path, ref: Path, rel: float = 1e-5, metric_tol: float = 2e-3) -> None:
+    """Same losses (relative ``rel``) and validation/test metrics (``metric_tol``: the loss rows are
+    split over ranks and summed in another order, so weights differ in the last float32 bits)."""
     a, b = losses(run_dir), losses(ref)
     assert len(a) == len(b) == 3
     assert all(math.isclose(x, y, rel_tol=rel) for x, y in zip(a, b)), (a, b)
@@ -60,6 +62,7 @@ def test_accelerate_two_processes_match_one_and_sigkill_resume_is_exact(sample_s
     run(torchrun(2, _cli(sample_shards, full)))
     _same_curve(full, reference)
     assert (full / "checkpoints" / "epoch_3" / "model.safetensors").is_file()
+    assert any(e["split"] == "test" for e in evals(full))
 
     killed = tmp_path / "killed"
     proc = start(torchrun(2, _cli(sample_shards, killed)))
@@ -78,7 +81,7 @@ def test_deepspeed_zero_stages_match_one_process_resume_and_shard_eval(sample_sh
     result = json.loads((tmp_path / "result.json").read_text())
     for stage in ("1", "2", "3"):
         full = tmp_path / f"z{stage}"
-        _same_curve(full, reference, rel=1e-4, metric_tol=2e-3)  # ZeRO sums in another order
+        _same_curve(full, reference, rel=1e-4)  # ZeRO also sums in another order
         # Cut back to a mid-epoch checkpoint (epoch 1, step 2) and resumed: the same final weights.
         _same_weights(weights(tmp_path / f"z{stage}_resumed", "epoch_3"), weights(full, "epoch_3"))
         assert (full / "checkpoints" / "epoch_3" / "optim.rank1.safetensors").is_file()  # rank 1's ZeRO partition
@@ -102,7 +105,7 @@ def test_two_node_launch_with_c10d_rendezvous(sample_shards, reference, tmp_path
 def test_accelerate_fsdp_two_processes_match_one(sample_shards, reference, tmp_path):  # noqa: F811
     out = tmp_path / "fsdp"
     run(torchrun(2, _cli(sample_shards, out, ("engine.fsdp=true", "train.checkpoint_every_steps=0"))))
-    _same_curve(out, reference, rel=1e-4, metric_tol=2e-3)
+    _same_curve(out, reference, rel=1e-4)
     saved = weights(out, "epoch_3")  # whole parameters, not this rank's shard
     assert saved.keys() == weights(reference, "epoch_3").keys()
     assert all(saved[k].shape == v.shape for k, v in weights(reference, "epoch_3").items())

@@ -249,3 +249,34 @@ def test_fused_info_nce_matches_reference_with_dropped_pairs():
     keep = valid.nonzero().flatten()  # dropped pairs are neither positives nor negatives
     expected = naive_contrastive(left[keep], right[keep], 0.1)
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_row_sharded_loss_sums_to_the_global_batch_loss_and_gradient():
+    """What each data-parallel rank computes (its rows vs the global batch) adds up to the whole."""
+    from snag_dist.tasks.alignment_losses import info_nce, joint_similarities, similarities
+    from snag_dist.tasks.fused_nce import RowInfoNCE
+
+    gen = torch.Generator().manual_seed(0)
+    n, d = 37, 8
+    left = torch.randn(n, d, generator=gen, requires_grad=True)
+    right = torch.randn(n, d, generator=gen, requires_grad=True)
+    weight, valid = torch.rand(n, generator=gen), torch.rand(n, generator=gen) > 0.2
+    w_l, w_r = torch.rand(n, 2, generator=gen), torch.rand(n, 2, generator=gen)
+    other_l, other_r = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    unit = torch.ones(n, 2)
+
+    def losses(rows):
+        sims = [similarities(left, right, rows), similarities(other_l, other_r, rows)]
+        return info_nce(sims[0], 0.1, weight, valid) + info_nce(joint_similarities(sims, w_l, w_r, unit, unit), 0.1)
+
+    whole = losses(None)
+    g_whole = torch.autograd.grad(whole, (left, right))
+    parts = [losses(rows) for rows in (slice(0, 10), slice(10, 30), slice(30, 37))]
+    g_parts = [torch.autograd.grad(p, (left, right)) for p in parts]
+    assert torch.allclose(sum(p.detach() for p in parts), whole.detach(), rtol=1e-5)
+    for k in range(2):
+        assert torch.allclose(sum(g[k] for g in g_parts), g_whole[k], atol=1e-6)
+    x = (torch.rand(5, 9, dtype=torch.float64) * 2 - 1).requires_grad_()
+    y = (torch.rand(5, 9, dtype=torch.float64) * 2 - 1).requires_grad_()
+    pos, coef, keep = torch.tensor([3, 4, 5, 6, 7]), torch.rand(5, dtype=torch.float64), (torch.rand(9) > 0.2).double()
+    assert torch.autograd.gradcheck(lambda a, b: RowInfoNCE.apply(a, b, pos, 0.5, coef, keep), (x, y))

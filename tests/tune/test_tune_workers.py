@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,12 @@ from tests.tune.test_tune import search, shards, write_space  # noqa: F401  (sha
 EPOCHS = 2
 
 
-@pytest.mark.parametrize("fault", [NO_FAULT, pytest.param(Fault(epoch=1, times=1), marks=pytest.mark.slow)],
+# The retried case pays Ray Train's start-up twice (~2 min on 2 cores): run it with SNAG_LONG_TESTS=1.
+# (Retries from checkpoints of single-worker trials run every time, in test_tune.py.)
+LONG = pytest.mark.skipif(not os.environ.get("SNAG_LONG_TESTS"), reason="long test: set SNAG_LONG_TESTS=1")
+
+
+@pytest.mark.parametrize("fault", [NO_FAULT, pytest.param(Fault(epoch=1, times=1), marks=[pytest.mark.slow, LONG])],
                          ids=["plain", "retried"])
 def test_two_worker_trial_reports_every_evaluation_with_world_size_2(fault, shards, tmp_path):  # noqa: F811
     import ray
