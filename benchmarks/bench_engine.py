@@ -6,7 +6,7 @@ vs 2-process ratio per backend, in one run so the ratios share the machine's con
 gets --threads x 2 threads, each of two processes --threads (the same cores either way).
 
     .venv/bin/python benchmarks/bench_engine.py --shards shards/dbp15k_fr_en --epochs 4
-    .venv/bin/python benchmarks/bench_engine.py --shards runs/demo/shards/dbp15k_fr_en_mini --epochs 6
+    .venv/bin/python benchmarks/bench_engine.py --config quickstart --shards runs/demo/shards/dbp15k_fr_en_mini --epochs 6
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ BACKENDS = {
 }
 
 
-def run(shards: str, out: Path, nproc: int, threads: int, epochs: int, sets: list[str]) -> dict:
+def run(config: str, shards: str, out: Path, nproc: int, threads: int, epochs: int, sets: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "snag_dist", "train", "--config", "quickstart", "--shards", shards, "--out", str(out), "--quiet",
+           "-m", "snag_dist", "train", "--config", config, "--shards", shards, "--out", str(out), "--quiet",
            "--set", f"train.epochs={epochs}", "--set", f"train.eval_every={epochs}", "--set", "eval.test_at_end=false",
            *[a for s in sets for a in ("--set", s)]]
     t0 = time.perf_counter()
@@ -47,6 +47,7 @@ def run(shards: str, out: Path, nproc: int, threads: int, epochs: int, sets: lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shards", required=True)
+    ap.add_argument("--config", default="dbp15k_fr_en", help="preset or YAML (alignment)")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="threads per process with 2 processes")
     ap.add_argument("--set", action="append", default=[], help="extra config overrides")
@@ -60,12 +61,12 @@ def main() -> None:
         res = {}
         for nproc in (1, 2):
             out = Path(args.out) / f"{name.split()[0]}{sets[-1].split('=')[-1]}_{nproc}p"
-            res[nproc] = run(args.shards, out, nproc, args.threads * (2 // nproc), args.epochs, sets + args.set)
+            res[nproc] = run(args.config, args.shards, out, nproc, args.threads * (2 // nproc), args.epochs, sets + args.set)
             print(name, nproc, res[nproc], flush=True)
         rows.append((name, res))
     load = os.getloadavg()[0]
     lines = [f"\n## Engine: 1 vs 2 processes per backend ({dt.date.today()})\n",
-             f"Command: `python benchmarks/bench_engine.py --shards {args.shards} --epochs {args.epochs}"
+             f"Command: `python benchmarks/bench_engine.py --config {args.config} --shards {args.shards} --epochs {args.epochs}"
              f"{''.join(' --set ' + s for s in args.set)}`  ",
              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch CPU, gloo, fp32; 1-min load at end {load:.1f}. "
              f"1 process x {2 * args.threads} threads vs 2 processes x {args.threads} (same cores). "
