@@ -11,7 +11,7 @@ from snag_dist.config import EngineConfig, TrainConfig, load_config
 from snag_dist.engine.deepspeed_backend import build_ds_config
 from snag_dist.engine.run import train
 from snag_dist.errors import BackendError, ConfigError
-from tests.dist.launch import ROOT, losses
+from tests.distributed.launch import ROOT, losses
 from tests.tasks.test_alignment_task import sample_shards  # noqa: F401  (module-scoped fixture)
 
 

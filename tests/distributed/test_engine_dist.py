@@ -15,7 +15,7 @@ import torch
 
 from snag_dist.config import load_config
 from snag_dist.engine.run import train
-from tests.dist.launch import ENV, ROOT, evals, free_port, kill_when, losses, run, start, torchrun, weights
+from tests.distributed.launch import ENV, ROOT, evals, free_port, kill_when, losses, run, start, torchrun, weights
 from tests.tasks.test_alignment_task import sample_shards  # noqa: F401  (module-scoped fixture)
 
 # Small and dropout-free: the global batch of 2 x 50 pairs is the 1-process batch of 100.
@@ -76,7 +76,7 @@ def test_accelerate_two_processes_match_one_and_sigkill_resume_is_exact(sample_s
 
 @pytest.mark.slow
 def test_deepspeed_zero_stages_match_one_process_resume_and_shard_eval(sample_shards, reference, tmp_path):  # noqa: F811
-    run(torchrun(2, [str(sample_shards), str(tmp_path), "1,2,3", *TINY], script=str(ROOT / "tests/dist/ds_driver.py")),
+    run(torchrun(2, [str(sample_shards), str(tmp_path), "1,2,3", *TINY], script=str(ROOT / "tests/distributed/ds_driver.py")),
         timeout=600)
     result = json.loads((tmp_path / "result.json").read_text())
     for stage in ("1", "2", "3"):
