@@ -73,6 +73,16 @@ class AccelerateBackend(ReplicatedState):
 
         return FSDP.summon_full_params(module, writeback=modify)
 
+    def scaler_state(self, optimizer) -> dict:
+        scaler = self.acc.scaler  # a GradScaler with fp16 on GPU, else None
+        if scaler is None:
+            return {}
+        return {k: (v.item() if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()}
+
+    def load_scaler_state(self, optimizer, state: dict) -> None:
+        if state and self.acc.scaler is not None:
+            self.acc.scaler.load_state_dict(state)
+
     def unwrap(self, module: nn.Module) -> nn.Module:
         return self.acc.unwrap_model(module)
 

@@ -40,6 +40,12 @@ class Backend(Protocol):
 
     def load_optimizer_shards(self, optimizer, path) -> None: ...
 
+    def scaler_state(self, optimizer) -> dict:
+        """fp16 loss-scaler state as JSON values ({} without fp16)."""
+        ...
+
+    def load_scaler_state(self, optimizer, state: dict) -> None: ...
+
     def unwrap(self, module: nn.Module) -> nn.Module: ...
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor: ...
@@ -64,6 +70,12 @@ class ReplicatedState:
         return {}
 
     def load_optimizer_shards(self, optimizer, path) -> None:
+        return None
+
+    def scaler_state(self, optimizer) -> dict:
+        return {}
+
+    def load_scaler_state(self, optimizer, state: dict) -> None:
         return None
 
 

@@ -200,6 +200,21 @@ class DeepSpeedBackend:
         # The model's weights were loaded (whole) before deepspeed.initialize partitioned them, so
         # they already equal these masters (in their own precision).
 
+    # DeepSpeed's dynamic loss scaler (fp16): its scale and the iteration counters it grows it by.
+    _SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+    def scaler_state(self, optimizer) -> dict:
+        scaler = getattr(optimizer, "loss_scaler", None)
+        if scaler is None or self.precision != "fp16":
+            return {}
+        return {k: float(getattr(scaler, k)) for k in self._SCALER_FIELDS if hasattr(scaler, k)}
+
+    def load_scaler_state(self, optimizer, state: dict) -> None:
+        scaler = getattr(optimizer, "loss_scaler", None)
+        for key, value in (state or {}).items():
+            if scaler is not None and hasattr(scaler, key):
+                setattr(scaler, key, type(getattr(scaler, key))(value))
+
     # -- collectives ---------------------------------------------------------------------------
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist

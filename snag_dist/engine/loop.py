@@ -101,7 +101,11 @@ class Trainer:
             model_state = self.backend.unwrap(self.module).state_dict() if self.backend.is_main else {}
         # Optimizer state the backend may hold per rank (ZeRO partitions); {} = rank 0's is complete.
         shards = self.backend.optimizer_shards(self.optimizer) if with_optim else {}
-        state = {"fit": self.state.__dict__, "scheduler": self.scheduler.state_dict()}
+        # Loss sums of a part-trained epoch differ per rank (each logs its share): keep their mean,
+        # which is what the epoch's record (a mean over ranks) needs from every rank on resume.
+        fit = {**self.state.__dict__, "sums": {k: self.backend.reduce_mean(v) for k, v in self.state.sums.items()}}
+        state = {"fit": fit, "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.backend.scaler_state(self.optimizer)}
         optim = self.optimizer.state_dict() if with_optim and not shards else None
         rng = {f"torch_cpu.rank{r}": rng_all[r] for r in range(rng_all.shape[0])}
         task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
@@ -127,6 +131,7 @@ class Trainer:
         if optim is not None:
             self.optimizer.load_state_dict(optim)
         self.backend.load_optimizer_shards(self.optimizer, path)
+        self.backend.load_scaler_state(self.optimizer, state.get("scaler", {}))
         self.scheduler.load_state_dict(state["scheduler"])
         # The lr the schedule had reached (a backend's partitioned optimizer state carries no groups).
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
