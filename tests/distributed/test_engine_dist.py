@@ -15,7 +15,18 @@ import torch
 
 from snag_dist.config import load_config
 from snag_dist.engine.run import train
-from tests.distributed.launch import ENV, ROOT, evals, free_port, kill_when, losses, run, start, torchrun, weights
+from tests.distributed.launch import (
+    ENV,
+    ROOT,
+    evals,
+    free_port,
+    kill_when,
+    losses,
+    run,
+    start,
+    torchrun,
+    weights,
+)
 from tests.tasks.test_alignment_task import sample_shards  # noqa: F401  (module-scoped fixture)
 
 # Small and dropout-free: the global batch of 2 x 50 pairs is the 1-process batch of 100.
