@@ -2,7 +2,10 @@
 
 ``OUT/embeddings.safetensors``: ``joint`` (N, M*H) test embedding (global modality weights),
 ``joint_attention`` (N, M*H) per-entity attention-weighted joint, ``modality.<m>`` (N, H) per
-modality, ``modality_weights`` (N, M), ``entity_ids`` (N,), ``kg`` (N,).
+modality, ``modality_weights`` (N, M), ``entity_ids`` (N,), ``kg`` (N,). A completion run also
+writes what its RotatE scorer ranks with: ``rotate.entity`` (N, 2D) (real parts, then imaginary)
+and ``rotate.relation_phase`` (R, D) radians; score(h, r, t) = margin - sum_d |h_d e^{i phase_d} - t_d|,
+margin in the JSON.
 ``OUT/embeddings.json``: modality order, shapes, the run and its config. Load with
 ``safetensors.numpy.load_file`` — no snag_dist needed.
 """
@@ -10,6 +13,7 @@ modality, ``modality_weights`` (N, M), ``entity_ids`` (N,), ``kg`` (N,).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -51,6 +55,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best
     task = TASKS.get(cfg.task.name)(cfg, 0, 1, torch.device("cpu"))
     task.module.load_state_dict(model_state)
     tensors = _embed_all(task.module, cfg.eval.chunk_size)
+    rotate = getattr(task.module, "rotate", None)
+    if rotate is not None:  # completion: the RotatE vectors of the fused entities and the relation phases
+        tensors["rotate.entity"] = task.module.entity_table(cfg.eval.chunk_size).cpu()
+        tensors["rotate.relation_phase"] = (rotate.relation.detach() * (math.pi / rotate.range)).float().cpu()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -58,6 +66,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "embeddings.safetensors"))
         meta = {"modalities": task.module.model.modalities, "shapes": {k: list(v.shape) for k, v in tensors.items()},
                 "run": str(run_dir.resolve()), "checkpoint": checkpoint, "config": to_dict(cfg)}
+        if rotate is not None:
+            meta["rotate"] = {"margin": rotate.margin, "dim": rotate.dim,
+                              "score": "margin - sum_d |h_d * exp(i * phase_d) - t_d|, entity = [re, im]"}
         (tmp / "embeddings.json").write_text(json.dumps(meta, indent=1))
         if out.exists():
             out.rmdir()

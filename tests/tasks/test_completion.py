@@ -184,6 +184,30 @@ def test_short_run_on_the_sample_learns(mini_shards, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert again["test"]["mrr"] == pytest.approx(test["mrr"])
+    _check_export(run, tmp_path / "export", test)
+
+
+def _check_export(run, out, test_metrics):
+    """The exported RotatE vectors and relation phases, read with plain safetensors, reproduce the test MRR."""
+    from safetensors.numpy import load_file
+
+    from snag_dist.eval.filtered import filtered_rank_stats, metrics_from_stats
+    from snag_dist.export import export_run
+
+    export_run(run, out)
+    tensors = load_file(str(out / "embeddings.safetensors"))
+    margin = json.loads((out / "embeddings.json").read_text())["rotate"]["margin"]
+    z = complex_of(torch.from_numpy(tensors["rotate.entity"]))
+    phase = torch.from_numpy(tensors["rotate.relation_phase"]).double()
+    rot = torch.polar(torch.ones_like(phase), phase)
+
+    def score(anchor, rel, predict_head):
+        r = rot[rel].conj() if predict_head else rot[rel]
+        return margin - (z[anchor][:, None] * r[:, None] - z[None]).abs().sum(-1)
+
+    task = CompletionTask(load_config(str(run / "config.yaml")))
+    stats = filtered_rank_stats(score, task.triples["test"], task.known, 512, "realistic")
+    assert metrics_from_stats(stats)["mrr"] == pytest.approx(test_metrics["mrr"], rel=1e-3)
 
 
 def test_two_processes_train_and_evaluate(mini_shards, tmp_path):
