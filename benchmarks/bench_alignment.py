@@ -12,6 +12,13 @@ Runs the paper's configuration (hidden 300, batch 3,500, lr 5e-4, wd 1e-3, 30 % 
 Usage:
   python benchmarks/bench_alignment.py --pair fr_en --epochs 200 --variants standard,no-gmnm,-relation
 Shards are prepared on first use under shards/ (names need `--text minilm`).
+
+Iterative variants on a short schedule: the phases are [base: iterative_start epochs, iterative: epochs -
+iterative_start], so the iterative phase only runs when --epochs > --iterative-start. `--base-run RUN` starts
+an iterative variant from a finished non-iterative run with the same pair, seed and base length (its final
+checkpoint is rewound to "base phase done"), so the base phase is not trained again; e.g.
+  python benchmarks/bench_alignment.py --pair fr_en --epochs 100 --iterative-start 50 --variants iterative \
+      --base-run runs/bench/fr_en-standard-e50 --set task.alignment.pseudo_every=10
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,8 +58,24 @@ def shards_for(pair: str, names: bool) -> Path:
     return out
 
 
+def continue_from(base: Path, run: Path, base_epochs: int) -> None:
+    """Copy a finished non-iterative run into ``run`` with its last checkpoint marked "in phase 0, at its end":
+    the resumed fit then tests the base phase, reloads its best weights and starts the iterative phase
+    exactly as an uninterrupted run does at epoch ``base_epochs``."""
+    if run.exists():
+        return
+    shutil.copytree(base, run, ignore=shutil.ignore_patterns("tb", "plots", "summary.json"))
+    ckpts = sorted((run / "checkpoints").glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
+    last = ckpts[-1]
+    state = json.loads((last / "state.json").read_text())
+    if state["fit"]["epoch"] != base_epochs:
+        raise SystemExit(f"{base}: last checkpoint at epoch {state['fit']['epoch']}, iterative start is {base_epochs}")
+    state["fit"].update(phase=0, results={})
+    (last / "state.json").write_text(json.dumps(state, indent=1))
+
+
 def run_variant(pair: str, variant: str, epochs: int, iterative_start: int, eval_every: int,
-                extra: list[str], report_only: bool = False) -> dict:
+                extra: list[str], report_only: bool = False, base_run: str = "") -> dict:
     overrides, names = VARIANTS[variant]
     run = REPO / "runs" / "bench" / f"{pair}-{variant}-e{epochs}"
     if report_only:
@@ -60,6 +84,9 @@ def run_variant(pair: str, variant: str, epochs: int, iterative_start: int, eval
             "task.alignment.iterative=false", f"task.alignment.iterative_start={iterative_start}",
             *overrides, *extra]
     cmd = [sys.executable, "-m", "snag_dist", "train", "--config", f"dbp15k_{pair}", "--out", str(run), "--quiet"]
+    if base_run and "iterative=true" in " ".join(overrides):
+        continue_from(REPO / base_run, run, iterative_start)
+        cmd += ["--resume", "auto"]
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True)
@@ -94,9 +121,10 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra override for every variant")
     ap.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     ap.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
+    ap.add_argument("--base-run", default="", help="iterative variants: continue from this finished base run")
     args = ap.parse_args()
     rows = [run_variant(args.pair, v, args.epochs, args.iterative_start, args.eval_every, args.set,
-                        args.report_only) for v in args.variants.split(",")]
+                        args.report_only, args.base_run) for v in args.variants.split(",")]
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     text = (f"\n## Alignment: DBP15K {args.pair} ({dt.date.today()})\n\n"
             f"Command: `{cmd}`  \nMachine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
