@@ -28,7 +28,7 @@ from snag_dist.engine.checkpoint import (
     load_task_state,
     save_checkpoint,
 )
-from snag_dist.engine.optim import build_optimizer, warmup_cosine
+from snag_dist.engine.optim import build_optimizer, schedule_position, warmup_cosine
 from snag_dist.errors import TrainingError
 from snag_dist.logging import MetricsLogger
 
@@ -68,6 +68,8 @@ class FitState:
     results: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> test metrics
     step: int = 0  # batches of `epoch` already trained (a mid-epoch checkpoint resumes after them)
     sums: dict[str, float] = field(default_factory=dict)  # loss sums over those batches
+    schedule_steps: int = 0  # length of the phase's lr schedule in optimizer steps at its start
+    schedule_segment: tuple[float, float, float] = (0, 0.0, 1.0)  # see optim.warmup_cosine
 
 
 class Trainer:
@@ -86,8 +88,21 @@ class Trainer:
         module = self.backend.unwrap(self.module) if hasattr(self, "module") else self.task.module
         optimizer = build_optimizer(module, self.cfg.lr * phase.lr_scale, self.cfg.weight_decay)
         total = max(1, (end_epoch - first_epoch) * self.task.steps_per_epoch() // self.cfg.grad_accum)
+        self.state.schedule_steps, self.state.schedule_segment = total, (0, 0.0, 1.0)
+        self._raw_optimizer = optimizer
         scheduler = warmup_cosine(optimizer, total, self.cfg.warmup_ratio)
         self.module, self.optimizer, self.scheduler = self.backend.setup(module, optimizer, scheduler)
+
+    def _resize_schedule(self, epochs_left: int) -> None:
+        """Keep the lr schedule ending with the phase when an epoch's step count changed (pseudo links)."""
+        done = self.scheduler.last_epoch
+        total, segment = self.state.schedule_steps, self.state.schedule_segment
+        position = schedule_position(total, segment, done)
+        left = epochs_left * (self.task.steps_per_epoch() // self.cfg.grad_accum)
+        rate = (total - position) / max(1, left)
+        if abs(rate - segment[2]) > 1e-9:
+            self.state.schedule_segment = (done, position, rate)
+            self.scheduler = warmup_cosine(self._raw_optimizer, total, self.cfg.warmup_ratio, self.state.schedule_segment)
 
     def _phase_bounds(self, index: int) -> tuple[int, int]:
         start = sum(p.epochs for p in self.phases[:index])
@@ -132,6 +147,11 @@ class Trainer:
             self.optimizer.load_state_dict(optim)
         self.backend.load_optimizer_shards(self.optimizer, path)
         self.backend.load_scaler_state(self.optimizer, state.get("scaler", {}))
+        fit = state["fit"]
+        if "schedule_steps" in fit:  # the schedule as it was (re-segmented for pseudo links, maybe)
+            self.state.schedule_steps, self.state.schedule_segment = fit["schedule_steps"], tuple(fit["schedule_segment"])
+            self.scheduler = warmup_cosine(self._raw_optimizer, self.state.schedule_steps, self.cfg.warmup_ratio,
+                                           self.state.schedule_segment)
         self.scheduler.load_state_dict(state["scheduler"])
         # The lr the schedule had reached (a backend's partitioned optimizer state carries no groups).
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -230,6 +250,7 @@ class Trainer:
                 if self.state.step == 0:  # mid-epoch resumes restored what the epoch start set up
                     with self.backend.full_params(self.module):
                         self.task.on_epoch_start(epoch, self.backend.unwrap(self.module), phase)
+                    self._resize_schedule(end - epoch)
                 record = self._train_epoch(epoch)
                 record.update(self.task.epoch_stats(self.backend.unwrap(self.module)))
                 self.logger.train({"epoch": epoch, "phase": phase.name, **record})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -86,3 +87,29 @@ def test_resume_from_corrupt_checkpoint_is_a_one_line_error(sample_shards, tmp_p
     assert main([*args, "--resume", "auto"]) == 1
     err = capsys.readouterr().err.strip()
     assert "corrupt" in err and str(latest) in err and len(err.splitlines()) == 1
+
+
+def test_iterative_phase_lr_follows_pseudo_links_and_resumes_exactly(sample_shards, tmp_path):  # noqa: F811
+    """Pseudo links add steps per epoch: the lr schedule stretches to still end with the phase, and a run
+    resumed from a checkpoint inside the iterative phase (pseudo links restored) ends identically."""
+    over = [f"data.shards={sample_shards}", "model.modalities=[structure,relation,name]", "model.hidden=32",
+            "train.epochs=8", "train.eval_every=2", "train.batch_size=64", "train.checkpoint_every=1",
+            "train.keep_last=10", "task.alignment.iterative=true", "task.alignment.iterative_start=3",
+            "task.alignment.mnn_every=1", "task.alignment.pseudo_every=2"]
+    cfg = load_config("quickstart", over)
+    full = tmp_path / "full"
+    train(cfg, full, progress=False)
+    records = [json.loads(x) for x in (full / "train.jsonl").read_text().splitlines()]
+    it = [r for r in records if r["phase"] == "iterative"]
+    pseudo = [json.loads(x)["pseudo_links"] for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert max(pseudo) > 64  # enough pseudo links to add steps per epoch
+    assert all(r["lr"] > 0 for r in it[:-1]) and it[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert all(a["lr"] >= b["lr"] for a, b in zip(it[1:], it[2:]))  # decays, never restarts
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for name in ("epoch_7", "epoch_8"):
+        shutil.rmtree(part / "checkpoints" / name)  # killed after epoch 6 (iterative, with pseudo links)
+    train(cfg, part, resume=True, progress=False)
+    a = load_file(str(full / "checkpoints" / "epoch_8" / "model.safetensors"))
+    b = load_file(str(part / "checkpoints" / "epoch_8" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
