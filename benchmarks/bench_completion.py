@@ -199,7 +199,7 @@ def pykeen_snapshot_metrics(dataset: str, path: Path, known, splits: dict) -> di
 
     from snag_dist.eval.filtered import filtered_rank_stats, metrics_from_stats
 
-    snap = torch.load(path)
+    snap = torch.load(path, weights_only=True)  # tensors only, written by the PyKEEN phase
     ent, rel = snap["entity"], snap["relation"]
     ent_r = torch.cat([ent.real, ent.imag], -1).float()  # (N, 2D): ||x - e||^2 = |x|^2 + |e|^2 - 2 <x, e>
     ent_sq = (ent_r * ent_r).sum(-1)

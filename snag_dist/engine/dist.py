@@ -32,6 +32,17 @@ def generator(seed: int, *parts: int) -> torch.Generator:
     return g
 
 
+def _all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Every rank's ``sizes[r]`` rows, concatenated in rank order (padded to the largest for the gather)."""
+    import torch.distributed as dist
+
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather of (n_r, ...) tensors along dim 0 with gradient: each rank's rows receive the sum
     of the gradients every rank computed for them (all-reduce + own slice; gloo has no reduce-scatter
@@ -39,15 +50,8 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
-        import torch.distributed as dist
-
         ctx.sizes, ctx.rank = sizes, rank
-        top = max(sizes)
-        padded = x.new_zeros((top, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded.contiguous())
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        return _all_gather_rows(x, sizes)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -98,7 +102,7 @@ class Collectives:
         if x.is_floating_point() and x.requires_grad:
             return _GatherRows.apply(x, sizes, self.rank)
         with torch.no_grad():
-            return _GatherRows.forward(_NoCtx(), x.to(self.device), sizes, self.rank).to(x.device)
+            return _all_gather_rows(x.to(self.device), sizes).to(x.device)
 
     def reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
@@ -108,7 +112,3 @@ class Collectives:
         y = x.to(self.device, copy=True)
         dist.all_reduce(y)
         return y.to(x.device)
-
-
-class _NoCtx:
-    """Stand-in autograd context for a gather that needs no gradient."""

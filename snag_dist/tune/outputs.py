@@ -17,6 +17,7 @@ from typing import Any
 
 from snag_dist.config import Config, save_config
 from snag_dist.errors import TrainingError
+from snag_dist.plots import save_figure
 from snag_dist.tune.space import SearchSpace, apply
 
 NOISE_KEYS = ("noise.noise_ratio", "noise.mask_ratio")
@@ -130,7 +131,7 @@ def plot_search(rows: list[dict[str, Any]], space: SearchSpace, cfg: Config, met
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
     axes[0].legend()
-    written = [_save(fig, out_dir / "metric_vs_noise.png")]
+    written = [save_figure(fig, out_dir / "metric_vs_noise.png")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in ok:
         if not r["curve"]:
@@ -144,14 +145,5 @@ def plot_search(rows: list[dict[str, Any]], space: SearchSpace, cfg: Config, met
     ax.set(xlabel="epochs trained", ylabel=f"valid {metric}", title="trial learning curves")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2)
-    written.append(_save(fig, out_dir / "learning_curves.png"))
+    written.append(save_figure(fig, out_dir / "learning_curves.png"))
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -84,9 +84,11 @@ def _open_safetensors(path: Path, name: str, num_entities: int) -> FeatureSource
     return FeatureSource(name, path, table, _present_mask(path, present, num_entities), dim)
 
 
-def _open_pickle(path: Path, name: str, num_entities: int) -> FeatureSource:
+def _open_pickle(path: Path, name: str, num_entities: int, allow_pickle: bool) -> FeatureSource:
+    if not allow_pickle:
+        raise DataError(f"{path}: pickle input refused (it can run code); pass --allow-pickle if you trust it")
     with open(path, "rb") as fh:
-        data = pickle.load(fh)  # only reached behind --allow-pickle
+        data = pickle.load(fh)
     if not isinstance(data, dict) or not data:
         raise DataError(f"{path}: expected a non-empty {{entity_id: vector}} dict")
     dim = len(next(iter(data.values())))
@@ -120,9 +122,7 @@ def discover_features(root: Path, num_entities: int, allow_pickle: bool = False)
         elif path.suffix == ".safetensors":
             out[name] = _open_safetensors(path, name, num_entities)
         elif path.suffix in (".pkl", ".pickle"):
-            if not allow_pickle:
-                raise DataError(f"{path}: pickle input refused (it can run code); pass --allow-pickle if you trust it")
-            out[name] = _open_pickle(path, name, num_entities)
+            out[name] = _open_pickle(path, name, num_entities, allow_pickle)
         else:
             raise DataError(f"{path}: unknown feature file type (use .npy, .safetensors, or .pkl with --allow-pickle)")
     return out
