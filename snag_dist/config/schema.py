@@ -113,6 +113,10 @@ class TrainConfig:
     lr: PosFloat = doc(5e-4, "peak learning rate")
     weight_decay: Annotated[float, Field(ge=0.0)] = doc(1e-3, "AdamW weight decay (not on biases/modality weights)")
     warmup_ratio: Ratio = doc(0.15, "share of steps with linear warm-up before the cosine decay")
+    lr_schedule: Literal["cosine", "constant"] = doc(
+        "cosine", "after the warm-up: cosine decay to 0 at the phase's end, or constant")
+    embedding_lr_scale: PosFloat = doc(
+        1.0, "lr multiplier for entity embedding tables (sparse rows, updated only when sampled)")
     grad_clip: Annotated[float, Field(ge=0.0)] = doc(1.0, "max gradient norm (0 = off)")
     grad_accum: PosInt = doc(1, "gradient accumulation steps")
     seed: int = doc(42, "seed for every random choice (combined with epoch and rank)")

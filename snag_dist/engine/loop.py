@@ -86,12 +86,16 @@ class Trainer:
     # -- set-up per phase -------------------------------------------------------------------
     def _setup_phase(self, phase: Phase, first_epoch: int, end_epoch: int) -> None:
         module = self.backend.unwrap(self.module) if hasattr(self, "module") else self.task.module
-        optimizer = build_optimizer(module, self.cfg.lr * phase.lr_scale, self.cfg.weight_decay)
+        optimizer = build_optimizer(module, self.cfg.lr * phase.lr_scale, self.cfg.weight_decay,
+                                    self.cfg.embedding_lr_scale)
         total = max(1, (end_epoch - first_epoch) * self.task.steps_per_epoch() // self.cfg.grad_accum)
         self.state.schedule_steps, self.state.schedule_segment = total, (0, 0.0, 1.0)
         self._raw_optimizer = optimizer
-        scheduler = warmup_cosine(optimizer, total, self.cfg.warmup_ratio)
+        scheduler = self._schedule(optimizer, total, self.state.schedule_segment)
         self.module, self.optimizer, self.scheduler = self.backend.setup(module, optimizer, scheduler)
+
+    def _schedule(self, optimizer: torch.optim.Optimizer, total: int, segment: tuple) -> torch.optim.lr_scheduler.LambdaLR:
+        return warmup_cosine(optimizer, total, self.cfg.warmup_ratio, segment, self.cfg.lr_schedule)
 
     def _resize_schedule(self, epochs_left: int) -> None:
         """Keep the lr schedule ending with the phase when an epoch's step count changed (pseudo links)."""
@@ -102,7 +106,7 @@ class Trainer:
         rate = (total - position) / max(1, left)
         if abs(rate - segment[2]) > 1e-9:
             self.state.schedule_segment = (done, position, rate)
-            self.scheduler = warmup_cosine(self._raw_optimizer, total, self.cfg.warmup_ratio, self.state.schedule_segment)
+            self.scheduler = self._schedule(self._raw_optimizer, total, self.state.schedule_segment)
 
     def _phase_bounds(self, index: int) -> tuple[int, int]:
         start = sum(p.epochs for p in self.phases[:index])
@@ -150,8 +154,7 @@ class Trainer:
         fit = state["fit"]
         if "schedule_steps" in fit:  # the schedule as it was (re-segmented for pseudo links, maybe)
             self.state.schedule_steps, self.state.schedule_segment = fit["schedule_steps"], tuple(fit["schedule_segment"])
-            self.scheduler = warmup_cosine(self._raw_optimizer, self.state.schedule_steps, self.cfg.warmup_ratio,
-                                           self.state.schedule_segment)
+            self.scheduler = self._schedule(self._raw_optimizer, self.state.schedule_steps, self.state.schedule_segment)
         self.scheduler.load_state_dict(state["scheduler"])
         # The lr the schedule had reached (a backend's partitioned optimizer state carries no groups).
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):

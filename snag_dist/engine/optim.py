@@ -1,4 +1,4 @@
-"""AdamW with the reference's no-decay groups, and linear warm-up + cosine decay."""
+"""AdamW with the reference's no-decay groups, and linear warm-up + cosine decay (or constant)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,36 @@ from torch.optim.lr_scheduler import LambdaLR
 NO_DECAY_MARKERS = ("bias", "global_weights", "log_var", "norm", "LayerNorm")
 
 
-def build_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+def embedding_parameter_names(module: nn.Module) -> set[str]:
+    """Names of the weights of every nn.Embedding in ``module`` (the entity tables)."""
+    return {f"{prefix}.weight" if prefix else "weight" for prefix, sub in module.named_modules()
+            if isinstance(sub, nn.Embedding)}
+
+
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float,
+                    embedding_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """AdamW; groups: decayed / not decayed, and embedding tables at ``lr * embedding_lr_scale``.
+
+    A table row moves only on the steps that sample its entity, while the shared layers move on
+    every step: a larger lr for the tables lets them keep pace (group order is fixed, so optimizer
+    state in checkpoints lines up)."""
+    tables = embedding_parameter_names(module) if embedding_lr_scale != 1.0 else set()
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if any(m in name for m in NO_DECAY_MARKERS) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=1e-8)
+        key = (any(m in name for m in NO_DECAY_MARKERS), name in tables)
+        buckets.setdefault(key, []).append(param)
+    groups = [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+               "lr": lr * (embedding_lr_scale if table else 1.0)}
+              for (no_decay, table), params in sorted(buckets.items())]
+    return torch.optim.AdamW(groups, lr=lr, eps=1e-8)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float,
-                  segment: tuple[int, float, float] = (0, 0.0, 1.0)) -> LambdaLR:
-    """Linear warm-up then cosine decay to 0 over ``total_steps`` (schedule steps).
+                  segment: tuple[int, float, float] = (0, 0.0, 1.0), decay: str = "cosine") -> LambdaLR:
+    """Linear warm-up then cosine decay to 0 over ``total_steps`` (schedule steps), or, with
+    ``decay="constant"``, the peak lr held after the warm-up.
 
     ``segment = (done, position, rate)``: optimizer step ``done`` sits at schedule position
     ``position`` and later steps advance ``rate`` positions each. When a phase's steps per epoch
@@ -37,6 +54,8 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_rat
         pos = position + (step - done) * rate
         if pos < warmup:
             return (pos + 1) / max(1, warmup)
+        if decay == "constant":
+            return 1.0
         progress = (pos - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
