@@ -52,12 +52,18 @@ class AlignmentModule(nn.Module):
 
     @torch.no_grad()
     def embed(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Test embeddings (joint_global) of ``ids``; the GAT sees the whole graph, fusion goes by chunk."""
+        """Test embeddings (joint_global) of ``ids``; the GAT sees the whole graph, fusion goes by chunk.
+
+        Every model call reruns the whole-graph GAT (most of its time), while fusing a chunk of rows
+        needs memory of the order of that pass's own (N x H per layer) for up to a few times N rows:
+        chunks are therefore at least the graph's size N, i.e. one GAT pass for the test links.
+        """
         was_training = self.training
         self.eval()
         g = self.graph
-        parts = [self.model(g.ids, g.features, g.present, g.edge_index, out_index=ids[a:a + chunk]).joint_global
-                 for a in range(0, len(ids), chunk)]
+        step = max(chunk, len(g.ids))
+        parts = [self.model(g.ids, g.features, g.present, g.edge_index, out_index=ids[a:a + step]).joint_global
+                 for a in range(0, len(ids), step)]
         self.train(was_training)
         return torch.cat(parts).float()
 

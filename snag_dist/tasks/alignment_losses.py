@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snag_dist.config.schema import AlignmentConfig
-from snag_dist.tasks.fused_nce import fused_info_nce, fused_row_info_nce
+from snag_dist.tasks.fused_nce import Gram, WeightedSum, fused_info_nce, fused_row_info_nce
 
 # Legend: B pairs in the batch, E entities, M modalities, H hidden, D any embedding dim.
 
@@ -52,7 +52,7 @@ def similarities(left_bd: Tensor, right_bd: Tensor, rows: slice | None = None) -
     left_bd = F.normalize(left_bd.float(), dim=1)
     right_bd = F.normalize(right_bd.float(), dim=1)
     if rows is None:
-        return Sims(left_bd @ right_bd.T, left_bd @ left_bd.T, right_bd @ right_bd.T)
+        return Sims(*Gram.apply(left_bd, right_bd))
     mine_l, mine_r = left_bd[rows], right_bd[rows]
     pos = torch.arange(rows.start, rows.stop, device=left_bd.device)
     return Sims(mine_l @ right_bd.T, mine_l @ left_bd.T, mine_r @ right_bd.T, mine_r @ left_bd.T, pos)
@@ -71,11 +71,7 @@ def joint_similarities(per_m: list[Sims], w_left_bm: Tensor, w_right_bm: Tensor,
     wl, wr = w_left_bm / norm_l[:, None], w_right_bm / norm_r[:, None]
 
     def combine(mats: list[Tensor], a: Tensor, b: Tensor) -> Tensor:
-        out = None
-        for m, mat in enumerate(mats):
-            term = mat * (a[:, m, None] * b[None, :, m])
-            out = term if out is None else out + term
-        return out
+        return WeightedSum.apply(a, b, *mats)
 
     first = per_m[0]
     if first.pos is None:

@@ -1,4 +1,5 @@
-"""The in-batch InfoNCE of the alignment losses as one autograd function over cosine matrices.
+"""Fused (B, B) kernels of the alignment losses: the in-batch InfoNCE over cosine matrices, the
+batch's three cosine matrices (``Gram``) and their per-modality weighted sums (``WeightedSum``).
 
 Written with plain tensor ops, the loss makes ~25 passes over each (B, B) matrix forward and
 backward (masking copies, divisions, log-sum-exp's max/sub/exp/sum, softmax in the backward); at
@@ -27,14 +28,27 @@ def _blocks(n: int, chunk: int = CHUNK):
         yield a, min(n, a + chunk)
 
 
-def _exp_block(block: Tensor, inv_tau: float, keep: Tensor | None, diag_at: int | None) -> Tensor:
-    """exp((x - 1) / tau) of a row block, kept columns only, optional zeroed diagonal."""
-    e = block.mul(inv_tau).sub_(inv_tau).exp_()
+def _scratch(like: Tensor) -> Tensor:
+    """One reusable (CHUNK, cols) block: a fresh multi-MB tensor per block costs page faults that
+    took longer than the arithmetic on it."""
+    return like.new_empty(min(CHUNK, like.shape[0]), like.shape[1])
+
+
+def _exp_block(block: Tensor, inv_tau: float, keep: Tensor | None, diag_at: int | None, out: Tensor) -> Tensor:
+    """exp((x - 1) / tau) of a row block into ``out``, kept columns only, optional zeroed diagonal."""
+    e = out[: block.shape[0]]
+    # -1/tau + x/tau in one pass (a 0-dim tensor broadcasts), then exp in place.
+    torch.add(block.new_tensor(-inv_tau), block, alpha=inv_tau, out=e).exp_()
     if keep is not None:
         e.mul_(keep)
     if diag_at is not None:
         e.diagonal(offset=diag_at).zero_()
     return e
+
+
+def _drop_all_true(keep: Tensor | None) -> Tensor | None:
+    """None for an all-ones keep mask: multiplying by 1.0 changes nothing, it only costs passes."""
+    return None if keep is None or bool(keep.all()) else keep
 
 
 class InfoNCE(torch.autograd.Function):
@@ -44,12 +58,13 @@ class InfoNCE(torch.autograd.Function):
         sum_a = ab.new_zeros(n)
         sum_b = ab.new_zeros(n)  # column sums of ab (right i vs lefts) + row sums of bb
         keep_row = keep[None, :] if keep is not None else None
+        buf = _scratch(ab)
         for a, b in _blocks(n):
-            e = _exp_block(ab[a:b], inv, keep_row, None)
+            e = _exp_block(ab[a:b], inv, keep_row, None, buf)
             sum_a[a:b] += e.sum(1)
-            sum_b += (e if keep is None else e * keep[a:b, None]).sum(0)
-            sum_a[a:b] += _exp_block(aa[a:b], inv, keep_row, a).sum(1)
-            sum_b[a:b] += _exp_block(bb[a:b], inv, keep_row, a).sum(1)
+            sum_b += e.sum(0) if keep is None else keep[a:b] @ e
+            sum_a[a:b] += _exp_block(aa[a:b], inv, keep_row, a, buf).sum(1)
+            sum_b[a:b] += _exp_block(bb[a:b], inv, keep_row, a, buf).sum(1)
         lse_a = sum_a.clamp_min(1e-30).log_() + inv
         lse_b = sum_b.clamp_min(1e-30).log_() + inv
         per_pair = 0.5 * (lse_a + lse_b) - ab.diagonal() * inv
@@ -66,19 +81,106 @@ class InfoNCE(torch.autograd.Function):
         half_a = 0.5 * c * torch.exp(inv - lse_a) * inv  # softmax scale of direction a, per row
         half_b = 0.5 * c * torch.exp(inv - lse_b) * inv
         keep_row = keep[None, :] if keep is not None else None
+        # d/d ab_ij = e_ij k_j (half_a_i + k_i half_b_j): the second factor is one rank-1 update.
+        keep_col = keep if keep is not None else ab.new_ones(n)
         g_ab, g_aa, g_bb = torch.empty_like(ab), torch.empty_like(aa), torch.empty_like(bb)
-        col_b = half_b[None, :] if keep is None else (half_b * keep)[None, :]
+        buf = _scratch(ab)
         for a, b in _blocks(n):
-            e = _exp_block(ab[a:b], inv, None, None)
-            g = e * half_a[a:b, None]
-            if keep_row is not None:
-                g.mul_(keep_row)
-                e.mul_(keep[a:b, None])
-            g_ab[a:b] = g.add_(e.mul_(col_b))
-            g_ab[a:b].diagonal(offset=a).sub_(c[a:b] * inv)
-            g_aa[a:b] = _exp_block(aa[a:b], inv, keep_row, a).mul_(half_a[a:b, None])
-            g_bb[a:b] = _exp_block(bb[a:b], inv, keep_row, a).mul_(half_b[a:b, None])
+            g = _exp_block(ab[a:b], inv, keep_row, None, g_ab[a:b])
+            g.mul_(torch.addr(half_a[a:b, None], keep_col[a:b], half_b, out=buf[: b - a]))
+            g.diagonal(offset=a).sub_(c[a:b] * inv)
+            _exp_block(aa[a:b], inv, keep_row, a, g_aa[a:b]).mul_(half_a[a:b, None])
+            _exp_block(bb[a:b], inv, keep_row, a, g_bb[a:b]).mul_(half_b[a:b, None])
         return g_ab, g_aa, g_bb, None, None, None
+
+
+def _symmetrised(g: Tensor) -> Tensor:
+    """g + g^T of a square matrix, by CHUNK x CHUNK tiles: the whole-matrix transposed add strides
+    across memory and took as long as a (B, B) @ (B, 300) matmul."""
+    out, n = torch.empty_like(g), g.shape[0]
+    for i0, i1 in _blocks(n):
+        for j0 in range(i0, n, CHUNK):
+            j1 = min(n, j0 + CHUNK)
+            tile = torch.add(g[i0:i1, j0:j1], g[j0:j1, i0:i1].T, out=out[i0:i1, j0:j1])
+            if j0 != i0:
+                out[j0:j1, i0:i1].copy_(tile.T)
+    return out
+
+
+def _side_grad(g_cross: Tensor | None, cross: Tensor, g_same: Tensor | None, same: Tensor) -> Tensor | None:
+    """g_cross @ cross + (g_same + g_same^T) @ same, leaving out terms without a gradient."""
+    out = None if g_cross is None else g_cross @ cross
+    if g_same is not None:
+        sym = _symmetrised(g_same)
+        out = sym @ same if out is None else out.addmm_(sym, same)
+    return out
+
+
+class Gram(torch.autograd.Function):
+    """(left @ right^T, left @ left^T, right @ right^T) of (B, D) inputs: the batch's three cosine
+    matrices from unit rows.
+
+    Autograd would spend two (B, B) @ (B, D) products on each of the symmetric left/left and
+    right/right products; their gradient is (g + g^T) @ x, one product after a cheap tiled transpose
+    add: 4 instead of 6 backward matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, left: Tensor, right: Tensor):
+        ctx.set_materialize_grads(False)  # an unused output stays None instead of a zero (B, B)
+        ctx.save_for_backward(left, right)
+        return left @ right.T, left @ left.T, right @ right.T
+
+    @staticmethod
+    def backward(ctx, g_ab: Tensor | None, g_aa: Tensor | None, g_bb: Tensor | None):
+        left, right = ctx.saved_tensors
+        g_left = _side_grad(g_ab, right, g_aa, left) if ctx.needs_input_grad[0] else None
+        g_ba = None if g_ab is None else g_ab.T
+        g_right = _side_grad(g_ba, left, g_bb, right) if ctx.needs_input_grad[1] else None
+        return g_left, g_right
+
+
+class WeightedSum(torch.autograd.Function):
+    """out_ij = sum_m a_im b_jm S_m,ij for matrices S_m (n, c) and weights a (n, M), b (c, M).
+
+    The joint embeddings' cosines from the per-modality ones (``joint_similarities``). Written with
+    broadcast products, every term is a fresh (n, c) outer product, a product and a sum forward,
+    and as many backward; here each row block is combined in cache and the weights' gradients are
+    matrix-vector products of (g * S_m).
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, *mats: Tensor) -> Tensor:
+        out, buf = torch.empty_like(mats[0]), _scratch(mats[0])
+        b_cols = b.T.contiguous()  # a strided column broadcast along rows is several times slower
+        for r0, r1 in _blocks(out.shape[0]):
+            blk = out[r0:r1]
+            torch.mul(mats[0][r0:r1], b_cols[0], out=blk).mul_(a[r0:r1, 0, None])
+            for m in range(1, len(mats)):
+                blk.addcmul_(torch.mul(mats[m][r0:r1], b_cols[m], out=buf[: r1 - r0]), a[r0:r1, m, None])
+        ctx.save_for_backward(a, b, *mats)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, b, *mats = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[:2]
+        g_a = torch.zeros_like(a) if need_a else None
+        g_b = torch.zeros_like(b) if need_b else None
+        g_mats = [torch.empty_like(g) if need else None for need in ctx.needs_input_grad[2:]]
+        buf, b_cols = _scratch(g), b.T.contiguous()
+        for r0, r1 in _blocks(g.shape[0]):
+            g_blk = g[r0:r1]
+            for m, mat in enumerate(mats):
+                if need_a or need_b:
+                    prod = torch.mul(g_blk, mat[r0:r1], out=buf[: r1 - r0])
+                    if need_a:
+                        g_a[r0:r1, m] = prod @ b_cols[m]
+                    if need_b:
+                        g_b[:, m] += a[r0:r1, m] @ prod
+                if g_mats[m] is not None:
+                    torch.mul(g_blk, b_cols[m], out=g_mats[m][r0:r1]).mul_(a[r0:r1, m, None])
+        return g_a, g_b, *g_mats
 
 
 def fused_info_nce(ab: Tensor, aa: Tensor, bb: Tensor, tau: float, pair_weight_b: Tensor | None = None,
@@ -92,7 +194,7 @@ def fused_info_nce(ab: Tensor, aa: Tensor, bb: Tensor, tau: float, pair_weight_b
         coef = weight * keep / keep.sum().clamp_min(1.0)
     else:
         coef = weight / n
-    return InfoNCE.apply(ab, aa, bb, tau, coef, keep)
+    return InfoNCE.apply(ab, aa, bb, tau, coef, _drop_all_true(keep))
 
 
 class RowInfoNCE(torch.autograd.Function):
@@ -109,9 +211,10 @@ class RowInfoNCE(torch.autograd.Function):
         total = cross.new_zeros(n)
         keep_row = keep[None, :] if keep is not None else None
         rows = torch.arange(n, device=cross.device)
+        buf = _scratch(cross)
         for a, b in _blocks(n):
-            total[a:b] += _exp_block(cross[a:b], inv, keep_row, None).sum(1)
-            e = _exp_block(same[a:b], inv, keep_row, None)
+            total[a:b] += _exp_block(cross[a:b], inv, keep_row, None, buf).sum(1)
+            e = _exp_block(same[a:b], inv, keep_row, None, buf)
             e[rows[: b - a], pos[a:b]] = 0.0
             total[a:b] += e.sum(1)
         lse = total.clamp_min(1e-30).log_() + inv
@@ -130,10 +233,10 @@ class RowInfoNCE(torch.autograd.Function):
         rows = torch.arange(n, device=cross.device)
         g_cross, g_same = torch.empty_like(cross), torch.empty_like(same)
         for a, b in _blocks(n):
-            g_cross[a:b] = _exp_block(cross[a:b], inv, keep_row, None).mul_(scale[a:b, None])
-            e = _exp_block(same[a:b], inv, keep_row, None)
+            _exp_block(cross[a:b], inv, keep_row, None, g_cross[a:b]).mul_(scale[a:b, None])
+            e = _exp_block(same[a:b], inv, keep_row, None, g_same[a:b])
             e[rows[: b - a], pos[a:b]] = 0.0
-            g_same[a:b] = e.mul_(scale[a:b, None])
+            e.mul_(scale[a:b, None])
         g_cross[rows, pos] -= c * inv
         return g_cross, g_same, None, None, None, None
 
@@ -154,4 +257,5 @@ def fused_row_info_nce(ab: Tensor, aa: Tensor, ba: Tensor, bb: Tensor, pos: Tens
         coef = (weight * keep)[pos] / keep.sum().clamp_min(1.0)
     else:
         coef = weight[pos] / n_all
+    keep = _drop_all_true(keep)
     return 0.5 * (RowInfoNCE.apply(ab, aa, pos, tau, coef, keep) + RowInfoNCE.apply(ba, bb, pos, tau, coef, keep))

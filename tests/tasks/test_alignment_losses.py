@@ -280,3 +280,44 @@ def test_row_sharded_loss_sums_to_the_global_batch_loss_and_gradient():
     y = (torch.rand(5, 9, dtype=torch.float64) * 2 - 1).requires_grad_()
     pos, coef, keep = torch.tensor([3, 4, 5, 6, 7]), torch.rand(5, dtype=torch.float64), (torch.rand(9) > 0.2).double()
     assert torch.autograd.gradcheck(lambda a, b: RowInfoNCE.apply(a, b, pos, 0.5, coef, keep), (x, y))
+
+
+def test_gram_matches_plain_products_and_gradients():
+    """The three cosine matrices and their symmetric-aware backward equal the plain products'."""
+    from snag_dist.tasks.fused_nce import CHUNK, Gram
+
+    gen = torch.Generator().manual_seed(5)
+    n = CHUNK + 37  # more than one tile, a ragged last one
+    left = torch.randn(n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    right = torch.randn(n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(n, n, generator=gen, dtype=torch.float64) for _ in range(3)]
+    got = Gram.apply(left, right)
+    want = (left @ right.T, left @ left.T, right @ right.T)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w)
+    grads = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), (left, right))
+    ref = torch.autograd.grad(sum((g * w).sum() for g, w in zip(want, weights)), (left, right))
+    for g, r in zip(grads, ref):
+        assert torch.allclose(g, r)
+    # An output without a gradient (only ab used) is skipped, not treated as zeros of the wrong kind.
+    only_ab = torch.autograd.grad(Gram.apply(left, right)[0].sum(), (left, right))
+    assert torch.allclose(only_ab[0], torch.autograd.grad((left @ right.T).sum(), left)[0])
+    assert torch.autograd.gradcheck(Gram.apply, (left[:9].detach().requires_grad_(), right[:9].detach().requires_grad_()))
+
+
+def test_weighted_sum_matches_broadcast_products_and_gradients():
+    from snag_dist.tasks.fused_nce import CHUNK, WeightedSum
+
+    gen = torch.Generator().manual_seed(6)
+    rows, cols, m = CHUNK + 5, 11, 3
+    a = torch.rand(rows, m, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(cols, m, generator=gen, dtype=torch.float64, requires_grad=True)
+    mats = [torch.randn(rows, cols, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(m)]
+    want = sum(mats[k] * (a[:, k, None] * b[None, :, k]) for k in range(m))
+    assert torch.allclose(WeightedSum.apply(a, b, *mats), want)
+    small = [x[:7].detach().requires_grad_() for x in (a, *mats)]
+    assert torch.autograd.gradcheck(lambda x, *s: WeightedSum.apply(x, b, *s), tuple(small))
+    # Gradients only where asked for (the weights of ECIA's matrices need none).
+    out = WeightedSum.apply(a.detach(), b, *mats)
+    g = torch.autograd.grad(out.sum(), [b, mats[0]])
+    assert torch.allclose(g[1], (a[:, 0, None] * b[None, :, 0]).detach().expand(rows, cols))
