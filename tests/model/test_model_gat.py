@@ -85,15 +85,21 @@ def test_gradients_reach_every_parameter_and_input():
 
 
 def test_sparse_aggregation_matches_dense_gradients():
-    """The custom sparse product's forward and both gradients equal a dense reference."""
-    from snag_dist.model.gat import Edges, _EdgeSpMM
+    """The custom sparse head-mean product's forward and all three gradients equal a dense reference."""
+    from snag_dist.model.gat import Edges, Scratch, _HeadMeanSpMM
 
     torch.manual_seed(0)
-    n = 9
+    n, heads = 9, 2
     edge_index = torch.randint(0, n, (2, 20))
     edges = Edges.build(edge_index, n)
-    alpha = torch.rand(edges.src.shape[0], dtype=torch.double, requires_grad=True)
+    alpha = torch.rand(edges.src.shape[0], heads, dtype=torch.double, requires_grad=True)
     g = torch.randn(n, 4, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, x: _EdgeSpMM.apply(a, x, edges), (alpha, g))
-    dense = torch.zeros(n, n, dtype=torch.double).index_put((edges.dst, edges.src), alpha)
-    assert torch.allclose(_EdgeSpMM.apply(alpha, g, edges), dense @ g)
+    w = torch.rand(heads, 4, dtype=torch.double, requires_grad=True)
+    scratch = Scratch()
+    assert torch.autograd.gradcheck(lambda a, x, v: _HeadMeanSpMM.apply(a, x, v, edges, scratch), (alpha, g, w))
+    dense = [torch.zeros(n, n, dtype=torch.double).index_put((edges.dst, edges.src), alpha[:, k]) for k in range(heads)]
+    want = sum((dense[k] @ g) * w[k] for k in range(heads)) / heads
+    assert torch.allclose(_HeadMeanSpMM.apply(alpha, g, w, edges, scratch), want)
+    # Only the inputs that need a gradient get one.
+    got = torch.autograd.grad(_HeadMeanSpMM.apply(alpha.detach(), g, w.detach(), edges, scratch).sum(), g)[0]
+    assert torch.allclose(got, torch.autograd.grad(want.sum(), g)[0])

@@ -287,7 +287,7 @@ def test_gram_matches_plain_products_and_gradients():
     from snag_dist.tasks.fused_nce import CHUNK, Gram
 
     gen = torch.Generator().manual_seed(5)
-    n = CHUNK + 37  # more than one tile, a ragged last one
+    n = 2 * CHUNK + 37  # several row blocks and tiles, ragged last ones
     left = torch.randn(n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     right = torch.randn(n, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     weights = [torch.randn(n, n, generator=gen, dtype=torch.float64) for _ in range(3)]
