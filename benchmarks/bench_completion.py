@@ -117,8 +117,8 @@ def throughput(dataset: str, variant: str, extra: list[str], warmup: int, steps:
 
 
 # -- full training (CLI) -----------------------------------------------------------------------
-def train_run(dataset: str, variant: str, epochs: int, eval_every: int, extra: list[str]) -> dict:
-    run = REPO / "runs" / "bench" / f"completion-{dataset}-{variant}-e{epochs}"
+def train_run(dataset: str, variant: str, epochs: int, eval_every: int, extra: list[str], tag: str = "") -> dict:
+    run = REPO / "runs" / "bench" / f"completion-{dataset}-{variant}-e{epochs}{'-' + tag if tag else ''}"
     sets = [*overrides(dataset, variant, extra), f"train.epochs={epochs}", f"train.eval_every={eval_every}"]
     cmd = [sys.executable, "-m", "snag_dist", "train", "--config", DATASETS[dataset][1], "--out", str(run), "--quiet"]
     for s in sets:
@@ -306,6 +306,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], help="extra override for every SNAG run")
+    ap.add_argument("--tag", default="", help="suffix of the SNAG run folders (runs/bench/completion-...-TAG)")
     ap.add_argument("--pykeen-python", default="", help="python of a venv with pykeen installed")
     ap.add_argument("--pykeen-lrs", default="1e-3,3e-3,1e-2")
     ap.add_argument("--pykeen-epochs", type=int, default=1000)
@@ -323,7 +324,8 @@ def main() -> None:
     pairs = [(d, v) for d in args.datasets.split(",") for v in args.variants.split(",")
              if not (d == "mkg_w" and v == "structure+name" and args.variants != "structure+name")]
     speed = [throughput(d, v, args.set, args.warmup, args.steps) for d, v in pairs] if "throughput" in phases else []
-    runs = [train_run(d, v, args.epochs, args.eval_every, args.set) for d, v in pairs] if "train" in phases else []
+    runs = ([train_run(d, v, args.epochs, args.eval_every, args.set, args.tag) for d, v in pairs]
+            if "train" in phases else [])
     keen = []
     if "pykeen" in phases:
         if not args.pykeen_python:

@@ -95,6 +95,8 @@ class CompletionConfig:
     corruption: Literal["bernoulli", "uniform"] = doc("bernoulli", "head-or-tail choice: Bernoulli rule or 50/50")
     negative_chunk: PosInt = doc(64, "positives sharing one draw of negatives (1 = own negatives per positive)")
     filter_negatives: bool = doc(True, "leave negatives that form a known training triple out of the loss")
+    self_negative: bool = doc(True, "one more negative per positive: the kept entity itself ((h, r, h) for a "
+                              "new tail), so e * r is pushed away from e (unless that triple is known)")
     dedupe_valid: bool = doc(True, "select on validation triples that are not training triples (DB15K: 88% are)")
     kernel: Literal["auto", "compiled", "eager"] = doc("auto", "RotatE distance: torch.compile'd, eager, or by work size")
 

@@ -14,7 +14,12 @@ a step then encodes and fuses only the batch's entities plus B / negative_chunk 
 ones, instead of up to B * negatives (nearly every entity of DB15K). Each positive still scores
 `negatives` corruptions of its own head or tail. With `filter_negatives`, a drawn negative that forms
 a known *training* triple is left out of the loss (zero adversarial weight; two `searchsorted` calls
-per batch); valid/test triples are never looked at during training.
+per batch); valid/test triples are never looked at during training. With `self_negative`, each
+positive also scores the entity it keeps as the corruption ((h, r, h) for a new tail, (t, r, t) for a
+new head; left out when it is a known training triple or h = t). Uniform draws almost never pick
+it, and without it the fused vectors share a large common component that pulls relation phases
+towards 0: e * r then stays next to e and the query entity itself took rank 1 in ~30 % of DB15K's
+test queries (H@1 far below H@3).
 
 Only the entities of a step are encoded (SNAG's structure encoder "embedding" needs no graph); a GAT
 structure encoder runs over the training graph and the rest is selected with `out_index`. The
@@ -142,7 +147,14 @@ class RotatE(nn.Module):
         a_re, a_im = (F.pad(x, (0, 0, 0, groups * c - b)).view(groups, c, -1) for x in (a_re, a_im))
         n_re, n_im = (x.contiguous() for x in ent[neg_GK].chunk(2, dim=-1))
         dist = self.kernel(a_re, a_im, n_re, n_im)
-        return pos, self.margin - dist.view(groups * c, k)[:b]
+        neg = self.margin - dist.view(groups * c, k)[:b]
+        if batch.self_valid is None:
+            return pos, neg
+        # The kept entity as its own corruption: |h * r - h| (new tail) or |t * conj(r) - t| (new head).
+        a_re, a_im = a_re.view(groups * c, -1)[:b], a_im.view(groups * c, -1)[:b]
+        s_re, s_im = torch.where(side, t_re, h_re), torch.where(side, t_im, h_im)
+        own = self.margin - torch.sqrt((a_re - s_re) ** 2 + (a_im - s_im) ** 2 + _EPS).sum(-1)
+        return pos, torch.cat([neg, own[:, None]], dim=1)
 
 
 def self_adversarial_loss(pos_B: torch.Tensor, neg_BK: torch.Tensor, valid_BK: torch.Tensor,
@@ -162,8 +174,9 @@ class CompletionBatch:
     triples: torch.Tensor  # (B, 3) head, relation, tail
     head_side: torch.Tensor  # (B,) bool: the head is corrupted (else the tail)
     negatives: torch.Tensor  # (G, K) entity ids; positive i uses group i // chunk
-    valid: torch.Tensor  # (B, K) bool: False for a negative that forms a known training triple
+    valid: torch.Tensor  # (B, K) or, with self negatives, (B, K + 1) bool: False = left out of the loss
     chunk: int  # C
+    self_valid: torch.Tensor | None = None  # (B,) bool: the kept entity scores as an extra negative
 
     def to(self, device: torch.device) -> CompletionBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -356,7 +369,13 @@ class CompletionTask:
             cand, side = negatives[torch.arange(b) // chunk], head_side[:, None]
             h, r, t = (triples_B3[:, i:i + 1] for i in range(3))
             valid = ~self.train_known.contains(torch.where(side, cand, h), r, torch.where(side, t, cand))
-        return CompletionBatch(triples_B3, head_side, negatives, valid, chunk)
+        self_valid = None
+        if self.ccfg.self_negative:
+            h, r, t = triples_B3.unbind(1)
+            kept = torch.where(head_side, t, h)
+            self_valid = (h != t) & ~self.train_known.contains(kept, r, kept)
+            valid = torch.cat([valid, self_valid[:, None]], dim=1)
+        return CompletionBatch(triples_B3, head_side, negatives, valid, chunk, self_valid)
 
     # -- hooks --------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, module: nn.Module, phase: Phase) -> None:

@@ -63,6 +63,15 @@ def test_train_scores_match_the_complex_formula():
         for k, e in enumerate(negatives[i // 2].tolist()):
             corrupt = (z[e] * rot[r] - z[t]) if head_side[i] else (z[h] * rot[r] - z[e])
             assert neg[i, k].item() == pytest.approx(6.0 - corrupt.abs().sum().item(), abs=1e-4)
+    # Self negatives: one more column, the kept entity as the corruption ((t, r, t) or (h, r, h)).
+    with_self = CompletionBatch(triples, head_side, negatives, torch.ones(5, 3, dtype=torch.bool), chunk=2,
+                                self_valid=torch.ones(5, dtype=torch.bool))
+    pos2, neg2 = rotate.train_scores(ent, with_self, triples[:, 0], triples[:, 2], negatives)
+    assert torch.equal(pos2, pos) and torch.equal(neg2[:, :2], neg) and neg2.shape == (5, 3)
+    for i, (h, r, t) in enumerate(triples.tolist()):
+        kept = t if head_side[i] else h
+        own = (z[kept] * rot[r] - z[kept]).abs().sum().item()
+        assert neg2[i, 2].item() == pytest.approx(6.0 - own, abs=1e-4)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -125,6 +134,9 @@ def test_batches_split_global_batches_and_filter_negatives(mini_shards):
         for k, e in enumerate(batch.negatives[i // 64].tolist()):
             fact = (e, r, t) if batch.head_side[i] else (h, r, e)
             assert bool(batch.valid[i, k]) == (fact not in facts)
+        kept = t if batch.head_side[i] else h
+        assert bool(batch.self_valid[i]) == bool(batch.valid[i, -1]) == (h != t and (kept, r, kept) not in facts)
+    assert batch.valid.shape == (len(batch.triples), 33)
     again = next(iter(CompletionTask(small_cfg(mini_shards, "train.batch_size=512"), 0, 2).batches(3)))
     assert torch.equal(again.triples, batch.triples) and torch.equal(again.negatives, batch.negatives)
     assert not (set(map(tuple, tasks[0].triples["valid"].tolist())) & facts)  # dedupe_valid
