@@ -14,12 +14,16 @@ a step then encodes and fuses only the batch's entities plus B / negative_chunk 
 ones, instead of up to B * negatives (nearly every entity of DB15K). Each positive still scores
 `negatives` corruptions of its own head or tail. With `filter_negatives`, a drawn negative that forms
 a known *training* triple is left out of the loss (zero adversarial weight; two `searchsorted` calls
-per batch); valid/test triples are never looked at during training. With `self_negative`, each
-positive also scores the entity it keeps as the corruption ((h, r, h) for a new tail, (t, r, t) for a
-new head; left out when it is a known training triple or h = t). Uniform draws almost never pick
-it, and without it the fused vectors share a large common component that pulls relation phases
-towards 0: e * r then stays next to e and the query entity itself took rank 1 in ~30 % of DB15K's
-test queries (H@1 far below H@3).
+per batch); valid/test triples are never looked at during training.
+
+Self negatives (`self_negative`): each positive also scores the entity it keeps as the corruption
+((h, r, h) for a new tail, (t, r, t) for a new head; left out when that is a known training triple or
+h = t). Uniform draws almost never pick it, and the fused vectors share a large common component that
+pulls relation phases towards 0: e * r then stays next to e, and the query entity itself took rank 1
+in ~30 % of DB15K's test queries (H@1 far below H@3). "adversarial" adds it as the (K+1)-th negative
+of the self-adversarial softmax, where as the hardest negative it takes most of the weight;
+"pairwise" adds -log sigmoid(score(positive) - score(self)), which only asks the true entity to
+outrank the query entity.
 
 Only the entities of a step are encoded (SNAG's structure encoder "embedding" needs no graph); a GAT
 structure encoder runs over the training graph and the rest is selected with `out_index`. The
@@ -130,8 +134,9 @@ class RotatE(nn.Module):
         return self.rotate(*ent.chunk(2, dim=-1), cos, -sin if inverse else sin)
 
     def train_scores(self, ent: torch.Tensor, batch: CompletionBatch, h: torch.Tensor, t: torch.Tensor,
-                     neg_GK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positive (B,) and negative (B, K) scores; ent (U, 2D), h/t/neg_GK index rows of ent."""
+                     neg_GK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Positive (B,), negative (B, K) and, if the batch has self negatives, self (B,) scores;
+        ent (U, 2D), h/t/neg_GK index rows of ent."""
         cos, sin = self.rotation(batch.triples[:, 1])
         (h_re, h_im), (t_re, t_im) = ent[h].chunk(2, dim=-1), ent[t].chunk(2, dim=-1)
         hr_re, hr_im = self.rotate(h_re, h_im, cos, sin)
@@ -149,12 +154,12 @@ class RotatE(nn.Module):
         dist = self.kernel(a_re, a_im, n_re, n_im)
         neg = self.margin - dist.view(groups * c, k)[:b]
         if batch.self_valid is None:
-            return pos, neg
+            return pos, neg, None
         # The kept entity as its own corruption: |h * r - h| (new tail) or |t * conj(r) - t| (new head).
         a_re, a_im = a_re.view(groups * c, -1)[:b], a_im.view(groups * c, -1)[:b]
         s_re, s_im = torch.where(side, t_re, h_re), torch.where(side, t_im, h_im)
         own = self.margin - torch.sqrt((a_re - s_re) ** 2 + (a_im - s_im) ** 2 + _EPS).sum(-1)
-        return pos, torch.cat([neg, own[:, None]], dim=1)
+        return pos, neg, own
 
 
 def self_adversarial_loss(pos_B: torch.Tensor, neg_BK: torch.Tensor, valid_BK: torch.Tensor,
@@ -174,9 +179,9 @@ class CompletionBatch:
     triples: torch.Tensor  # (B, 3) head, relation, tail
     head_side: torch.Tensor  # (B,) bool: the head is corrupted (else the tail)
     negatives: torch.Tensor  # (G, K) entity ids; positive i uses group i // chunk
-    valid: torch.Tensor  # (B, K) or, with self negatives, (B, K + 1) bool: False = left out of the loss
+    valid: torch.Tensor  # (B, K) bool: False for a negative that forms a known training triple
     chunk: int  # C
-    self_valid: torch.Tensor | None = None  # (B,) bool: the kept entity scores as an extra negative
+    self_valid: torch.Tensor | None = None  # (B,) bool: the kept entity scores as a self negative
 
     def to(self, device: torch.device) -> CompletionBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -240,8 +245,18 @@ class CompletionModule(nn.Module):
         ids = torch.cat([batch.triples[:, 0], batch.triples[:, 2], batch.negatives.flatten()])
         uniq_U, inv = torch.unique(ids, return_inverse=True)
         ent = self.entity_vectors(uniq_U)
-        pos, neg = self.rotate.train_scores(ent, batch, inv[:b], inv[b:2 * b], inv[2 * b:].view_as(batch.negatives))
-        return self_adversarial_loss(pos, neg, batch.valid, self.ccfg.adv_temperature)
+        pos, neg, own = self.rotate.train_scores(ent, batch, inv[:b], inv[b:2 * b],
+                                                 inv[2 * b:].view_as(batch.negatives))
+        valid = batch.valid
+        if own is not None and self.ccfg.self_negative == "adversarial":
+            neg, valid = torch.cat([neg, own[:, None]], 1), torch.cat([valid, batch.self_valid[:, None]], 1)
+        losses = self_adversarial_loss(pos, neg, valid, self.ccfg.adv_temperature)
+        if own is not None and self.ccfg.self_negative == "pairwise":
+            keep = batch.self_valid.to(pos.dtype)
+            pairwise = -(F.logsigmoid(pos - own) * keep).sum() / keep.sum().clamp_min(1.0)
+            losses["loss"] = losses["loss"] + pairwise / 2
+            losses["self"] = pairwise.detach()
+        return losses
 
     @torch.no_grad()
     def entity_table(self, chunk: int) -> torch.Tensor:
@@ -370,11 +385,10 @@ class CompletionTask:
             h, r, t = (triples_B3[:, i:i + 1] for i in range(3))
             valid = ~self.train_known.contains(torch.where(side, cand, h), r, torch.where(side, t, cand))
         self_valid = None
-        if self.ccfg.self_negative:
+        if self.ccfg.self_negative != "none":
             h, r, t = triples_B3.unbind(1)
             kept = torch.where(head_side, t, h)
             self_valid = (h != t) & ~self.train_known.contains(kept, r, kept)
-            valid = torch.cat([valid, self_valid[:, None]], dim=1)
         return CompletionBatch(triples_B3, head_side, negatives, valid, chunk, self_valid)
 
     # -- hooks --------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ def test_train_scores_match_the_complex_formula():
     head_side = torch.tensor([True, False, False, True, True])
     negatives = torch.tensor([[3, 4], [5, 6], [0, 1]])  # chunk 2: rows 0-1, 2-3, 4
     batch = CompletionBatch(triples, head_side, negatives, torch.ones(5, 2, dtype=torch.bool), chunk=2)
-    pos, neg = rotate.train_scores(ent, batch, triples[:, 0], triples[:, 2], negatives)
+    pos, neg, own = rotate.train_scores(ent, batch, triples[:, 0], triples[:, 2], negatives)
+    assert own is None
     z = complex_of(ent)
     phase = rotate.relation.detach().double() * math.pi / rotate.range
     rot = torch.polar(torch.ones_like(phase), phase)
@@ -64,14 +65,14 @@ def test_train_scores_match_the_complex_formula():
             corrupt = (z[e] * rot[r] - z[t]) if head_side[i] else (z[h] * rot[r] - z[e])
             assert neg[i, k].item() == pytest.approx(6.0 - corrupt.abs().sum().item(), abs=1e-4)
     # Self negatives: one more column, the kept entity as the corruption ((t, r, t) or (h, r, h)).
-    with_self = CompletionBatch(triples, head_side, negatives, torch.ones(5, 3, dtype=torch.bool), chunk=2,
+    with_self = CompletionBatch(triples, head_side, negatives, torch.ones(5, 2, dtype=torch.bool), chunk=2,
                                 self_valid=torch.ones(5, dtype=torch.bool))
-    pos2, neg2 = rotate.train_scores(ent, with_self, triples[:, 0], triples[:, 2], negatives)
-    assert torch.equal(pos2, pos) and torch.equal(neg2[:, :2], neg) and neg2.shape == (5, 3)
+    pos2, neg2, own = rotate.train_scores(ent, with_self, triples[:, 0], triples[:, 2], negatives)
+    assert torch.equal(pos2, pos) and torch.equal(neg2, neg) and own.shape == (5,)
     for i, (h, r, t) in enumerate(triples.tolist()):
         kept = t if head_side[i] else h
-        own = (z[kept] * rot[r] - z[kept]).abs().sum().item()
-        assert neg2[i, 2].item() == pytest.approx(6.0 - own, abs=1e-4)
+        distance = (z[kept] * rot[r] - z[kept]).abs().sum().item()
+        assert own[i].item() == pytest.approx(6.0 - distance, abs=1e-4)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -135,8 +136,7 @@ def test_batches_split_global_batches_and_filter_negatives(mini_shards):
             fact = (e, r, t) if batch.head_side[i] else (h, r, e)
             assert bool(batch.valid[i, k]) == (fact not in facts)
         kept = t if batch.head_side[i] else h
-        assert bool(batch.self_valid[i]) == bool(batch.valid[i, -1]) == (h != t and (kept, r, kept) not in facts)
-    assert batch.valid.shape == (len(batch.triples), 33)
+        assert bool(batch.self_valid[i]) == (h != t and (kept, r, kept) not in facts)
     again = next(iter(CompletionTask(small_cfg(mini_shards, "train.batch_size=512"), 0, 2).batches(3)))
     assert torch.equal(again.triples, batch.triples) and torch.equal(again.negatives, batch.negatives)
     assert not (set(map(tuple, tasks[0].triples["valid"].tolist())) & facts)  # dedupe_valid
@@ -153,6 +153,34 @@ def test_readouts_and_gat_train_a_step(mini_shards, extra):
     assert torch.isfinite(losses["loss"])
     emb = module.model.encoders["structure"].embedding.weight
     assert emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+def test_self_negative_modes_by_hand(mini_shards):
+    """none: RotatE's loss; adversarial: the self score joins the softmax as one more negative;
+    pairwise: + mean over valid rows of -log sigmoid(pos - self), halved like the other terms."""
+    losses, common = {}, ("train.batch_size=256", "noise.enabled=false", "model.dropout=0")
+    weights = CompletionTask(small_cfg(mini_shards, *common)).module.state_dict()
+    for mode in ("none", "adversarial", "pairwise"):
+        task = CompletionTask(small_cfg(mini_shards, *common, f"task.completion.self_negative={mode}"))
+        task.module.load_state_dict(weights)
+        batch = next(iter(task.batches(0)))
+        assert (batch.self_valid is None) == (mode == "none")
+        losses[mode] = (task.module(batch)["loss"].item(), batch, task)
+    _, batch, task = losses["pairwise"]
+    b = len(batch.triples)
+    ids = torch.cat([batch.triples[:, 0], batch.triples[:, 2], batch.negatives.flatten()])
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    ent = task.module.entity_vectors(uniq)
+    pos, neg, own = task.module.rotate.train_scores(ent, batch, inv[:b], inv[b:2 * b], inv[2 * b:].view_as(batch.negatives))
+    base = self_adversarial_loss(pos, neg, batch.valid, 2.0)["loss"].item()
+    keep = batch.self_valid
+    assert 0 < keep.sum() < b or keep.all()
+    pairwise = -F.logsigmoid(pos - own)[keep].mean().item()
+    assert losses["none"][0] == pytest.approx(base, rel=1e-5)
+    assert losses["pairwise"][0] == pytest.approx(base + pairwise / 2, rel=1e-5)
+    adv = self_adversarial_loss(pos, torch.cat([neg, own[:, None]], 1),
+                                torch.cat([batch.valid, keep[:, None]], 1), 2.0)["loss"].item()
+    assert losses["adversarial"][0] == pytest.approx(adv, rel=1e-5) and adv != pytest.approx(base)
 
 
 def test_graph_readout_needs_the_structure_token(mini_shards):
