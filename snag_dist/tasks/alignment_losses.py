@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from snag_dist.config.schema import AlignmentConfig
-from snag_dist.tasks.fused_nce import Gram, WeightedSum, fused_info_nce, fused_row_info_nce
+from snag_dist.tasks.fused_nce import (
+    Gram,
+    WeightedSum,
+    fused_info_nce,
+    fused_joint_info_nce,
+    fused_row_info_nce,
+)
 
 # Legend: B pairs in the batch, E entities, M modalities, H hidden, D any embedding dim.
 
@@ -58,9 +64,9 @@ def similarities(left_bd: Tensor, right_bd: Tensor, rows: slice | None = None) -
     return Sims(mine_l @ right_bd.T, mine_l @ left_bd.T, mine_r @ right_bd.T, mine_r @ left_bd.T, pos)
 
 
-def joint_similarities(per_m: list[Sims], w_left_bm: Tensor, w_right_bm: Tensor,
-                       unit_left_bm: Tensor, unit_right_bm: Tensor) -> Sims:
-    """Cosines of the joint embeddings concat_m(w_m * n_m) from the per-modality cosines of n_m.
+def joint_weights(w_left_bm: Tensor, w_right_bm: Tensor, unit_left_bm: Tensor, unit_right_bm: Tensor,
+                  ) -> tuple[Tensor, Tensor]:
+    """Weights w_m / |joint| that turn the per-modality cosines of n_m into those of concat_m(w_m * n_m).
 
     <joint_i, joint_j> = sum_m w_im w_jm <n_im, n_jm> and |joint_i|^2 = sum_m w_im^2 |n_im|^2, so
     GMI needs no (B, B, M*H) products of its own: it reuses ECIA's per-modality matrices (same
@@ -68,7 +74,13 @@ def joint_similarities(per_m: list[Sims], w_left_bm: Tensor, w_right_bm: Tensor,
     """
     norm_l = (w_left_bm.pow(2) * unit_left_bm).sum(1).clamp_min(1e-24).sqrt()
     norm_r = (w_right_bm.pow(2) * unit_right_bm).sum(1).clamp_min(1e-24).sqrt()
-    wl, wr = w_left_bm / norm_l[:, None], w_right_bm / norm_r[:, None]
+    return w_left_bm / norm_l[:, None], w_right_bm / norm_r[:, None]
+
+
+def joint_similarities(per_m: list[Sims], w_left_bm: Tensor, w_right_bm: Tensor,
+                       unit_left_bm: Tensor, unit_right_bm: Tensor) -> Sims:
+    """Cosines of the joint embeddings concat_m(w_m * n_m) from the per-modality cosines of n_m."""
+    wl, wr = joint_weights(w_left_bm, w_right_bm, unit_left_bm, unit_right_bm)
 
     def combine(mats: list[Tensor], a: Tensor, b: Tensor) -> Tensor:
         return WeightedSum.apply(a, b, *mats)
@@ -80,6 +92,15 @@ def joint_similarities(per_m: list[Sims], w_left_bm: Tensor, w_right_bm: Tensor,
     ml, mr = wl[first.pos], wr[first.pos]  # row-sharded: this rank's rows x the global batch
     return Sims(combine([s.ab for s in per_m], ml, wr), combine([s.aa for s in per_m], ml, wl),
                 combine([s.bb for s in per_m], mr, wr), combine([s.ba for s in per_m], mr, wl), first.pos)
+
+
+def joint_info_nce(per_m: list[Sims], w_left_bm: Tensor, w_right_bm: Tensor, unit_left_bm: Tensor,
+                   unit_right_bm: Tensor, tau: float) -> Tensor:
+    """``info_nce`` of ``joint_similarities``; over the whole batch the joint matrices never exist."""
+    if per_m[0].pos is not None:
+        return info_nce(joint_similarities(per_m, w_left_bm, w_right_bm, unit_left_bm, unit_right_bm), tau)
+    wl, wr = joint_weights(w_left_bm, w_right_bm, unit_left_bm, unit_right_bm)
+    return fused_joint_info_nce([s.ab for s in per_m], [s.aa for s in per_m], [s.bb for s in per_m], wl, wr, tau)
 
 
 def info_nce(sims: Sims, tau: float, pair_weight_b: Tensor | None = None, valid_b: Tensor | None = None) -> Tensor:
@@ -184,8 +205,8 @@ class AlignmentLoss(nn.Module):
         unit = torch.stack([out.modality_emb[m].norm(dim=1).gt(0).float() for m in out.modalities], 1)
         loss = out.joint.new_zeros(())
         for w in (out.modality_weights, out.global_entity_weights):
-            joint = joint_similarities(per_m, w[left].float(), w[right].float(), unit[left], unit[right])
-            loss = loss + self._nce(joint)
+            joint = joint_info_nce(per_m, w[left].float(), w[right].float(), unit[left], unit[right], self.cfg.tau)
+            loss = loss + joint * self._scale
         return loss
 
     def _per_modality(

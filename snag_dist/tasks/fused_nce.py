@@ -1,5 +1,6 @@
 """Fused (B, B) kernels of the alignment losses: the in-batch InfoNCE over cosine matrices, the
-batch's three cosine matrices (``Gram``) and their per-modality weighted sums (``WeightedSum``).
+batch's three cosine matrices (``Gram``), their per-modality weighted sums (``WeightedSum``) and the
+InfoNCE of those sums without materialising them (``JointInfoNCE``, GMI).
 
 Written with plain tensor ops, the loss makes ~25 passes over each (B, B) matrix forward and
 backward (masking copies, divisions, log-sum-exp's max/sub/exp/sum, softmax in the backward); at
@@ -16,6 +17,8 @@ Per pair i (left l_i, right r_i) with keep mask k (dropped pairs are neither pos
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -51,46 +54,68 @@ def _drop_all_true(keep: Tensor | None) -> Tensor | None:
     return None if keep is None or bool(keep.all()) else keep
 
 
+Blocks = Callable[[int, int], tuple[Tensor, Tensor, Tensor]]
+
+
+def _lse(blocks: Blocks, n: int, inv: float, keep: Tensor | None, buf: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Both directions' log-sum-exp (n,) and the positives' cosines ab_ii (n,), from the row
+    blocks (ab, aa, bb)[a:b] that ``blocks(a, b)`` gives."""
+    sum_a, sum_b, pos = buf.new_zeros(n), buf.new_zeros(n), buf.new_empty(n)  # sum_b: ab columns + bb rows
+    keep_row = keep[None, :] if keep is not None else None
+    for a, b in _blocks(n):
+        ab, aa, bb = blocks(a, b)
+        pos[a:b] = ab.diagonal(offset=a)
+        e = _exp_block(ab, inv, keep_row, None, buf)
+        sum_a[a:b] += e.sum(1)
+        sum_b += e.sum(0) if keep is None else keep[a:b] @ e
+        sum_a[a:b] += _exp_block(aa, inv, keep_row, a, buf).sum(1)
+        sum_b[a:b] += _exp_block(bb, inv, keep_row, a, buf).sum(1)
+    return sum_a.clamp_min(1e-30).log_() + inv, sum_b.clamp_min(1e-30).log_() + inv, pos
+
+
+def _write_grads(blocks: Blocks, outs: Blocks, n: int, inv: float, keep: Tensor | None, c: Tensor,
+                 lse: tuple[Tensor, Tensor], buf: Tensor, then: Callable[[int, int], None] | None = None) -> None:
+    """Writes the loss gradient of each row block of (ab, aa, bb) into ``outs(a, b)``, then calls
+    ``then(a, b)``; ``c`` is each pair's coefficient times the incoming gradient."""
+    half_a = 0.5 * c * torch.exp(inv - lse[0]) * inv  # softmax scale of direction a, per row
+    half_b = 0.5 * c * torch.exp(inv - lse[1]) * inv
+    keep_row = keep[None, :] if keep is not None else None
+    # d/d ab_ij = e_ij k_j (half_a_i + k_i half_b_j): the second factor is one rank-1 update.
+    keep_col = keep if keep is not None else c.new_ones(n)
+    for a, b in _blocks(n):
+        (ab, aa, bb), (g_ab, g_aa, g_bb) = blocks(a, b), outs(a, b)
+        g = _exp_block(ab, inv, keep_row, None, g_ab)
+        g.mul_(torch.addr(half_a[a:b, None], keep_col[a:b], half_b, out=buf[: b - a]))
+        g.diagonal(offset=a).sub_(c[a:b] * inv)
+        _exp_block(aa, inv, keep_row, a, g_aa).mul_(half_a[a:b, None])
+        _exp_block(bb, inv, keep_row, a, g_bb).mul_(half_b[a:b, None])
+        if then is not None:
+            then(a, b)
+
+
+def _saved_keep(keep: Tensor | None, like: Tensor) -> Tensor:
+    return keep if keep is not None else like.new_ones(0)
+
+
+def _loaded_keep(keep: Tensor) -> Tensor | None:
+    return keep if keep.numel() else None
+
+
 class InfoNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ab: Tensor, aa: Tensor, bb: Tensor, tau: float, coef: Tensor, keep: Tensor | None):
-        n, inv = ab.shape[0], 1.0 / tau
-        sum_a = ab.new_zeros(n)
-        sum_b = ab.new_zeros(n)  # column sums of ab (right i vs lefts) + row sums of bb
-        keep_row = keep[None, :] if keep is not None else None
-        buf = _scratch(ab)
-        for a, b in _blocks(n):
-            e = _exp_block(ab[a:b], inv, keep_row, None, buf)
-            sum_a[a:b] += e.sum(1)
-            sum_b += e.sum(0) if keep is None else keep[a:b] @ e
-            sum_a[a:b] += _exp_block(aa[a:b], inv, keep_row, a, buf).sum(1)
-            sum_b[a:b] += _exp_block(bb[a:b], inv, keep_row, a, buf).sum(1)
-        lse_a = sum_a.clamp_min(1e-30).log_() + inv
-        lse_b = sum_b.clamp_min(1e-30).log_() + inv
-        per_pair = 0.5 * (lse_a + lse_b) - ab.diagonal() * inv
-        ctx.save_for_backward(ab, aa, bb, coef, lse_a, lse_b, keep if keep is not None else ab.new_ones(0))
+        inv = 1.0 / tau
+        lse_a, lse_b, pos = _lse(lambda a, b: (ab[a:b], aa[a:b], bb[a:b]), ab.shape[0], inv, keep, _scratch(ab))
+        ctx.save_for_backward(ab, aa, bb, coef, lse_a, lse_b, _saved_keep(keep, ab))
         ctx.tau = tau
-        return (coef * per_pair).sum()
+        return (coef * (0.5 * (lse_a + lse_b) - pos * inv)).sum()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         ab, aa, bb, coef, lse_a, lse_b, keep = ctx.saved_tensors
-        keep = keep if keep.numel() else None
-        n, inv = ab.shape[0], 1.0 / ctx.tau
-        c = coef * grad
-        half_a = 0.5 * c * torch.exp(inv - lse_a) * inv  # softmax scale of direction a, per row
-        half_b = 0.5 * c * torch.exp(inv - lse_b) * inv
-        keep_row = keep[None, :] if keep is not None else None
-        # d/d ab_ij = e_ij k_j (half_a_i + k_i half_b_j): the second factor is one rank-1 update.
-        keep_col = keep if keep is not None else ab.new_ones(n)
         g_ab, g_aa, g_bb = torch.empty_like(ab), torch.empty_like(aa), torch.empty_like(bb)
-        buf = _scratch(ab)
-        for a, b in _blocks(n):
-            g = _exp_block(ab[a:b], inv, keep_row, None, g_ab[a:b])
-            g.mul_(torch.addr(half_a[a:b, None], keep_col[a:b], half_b, out=buf[: b - a]))
-            g.diagonal(offset=a).sub_(c[a:b] * inv)
-            _exp_block(aa[a:b], inv, keep_row, a, g_aa[a:b]).mul_(half_a[a:b, None])
-            _exp_block(bb[a:b], inv, keep_row, a, g_bb[a:b]).mul_(half_b[a:b, None])
+        _write_grads(lambda a, b: (ab[a:b], aa[a:b], bb[a:b]), lambda a, b: (g_ab[a:b], g_aa[a:b], g_bb[a:b]),
+                     ab.shape[0], 1.0 / ctx.tau, _loaded_keep(keep), coef * grad, (lse_a, lse_b), _scratch(ab))
         return g_ab, g_aa, g_bb, None, None, None
 
 
@@ -157,6 +182,32 @@ class Gram(torch.autograd.Function):
         return g_left, g_right
 
 
+def _combine_into(out: Tensor, tmp: Tensor, mats: Sequence[Tensor], x: Tensor, y_cols: Tensor, a: int) -> Tensor:
+    """Rows a:a+len(out) of sum_m (x_m y_m^T) * S_m into ``out``; y_cols = y^T, contiguous (a strided
+    column broadcast along rows is several times slower); tmp: scratch of out's shape."""
+    b = a + out.shape[0]
+    torch.mul(mats[0][a:b], y_cols[0], out=out).mul_(x[a:b, 0, None])
+    for m in range(1, len(mats)):
+        out.addcmul_(torch.mul(mats[m][a:b], y_cols[m], out=tmp), x[a:b, m, None])
+    return out
+
+
+def _combine_grad(g: Tensor, tmp: Tensor, mats: Sequence[Tensor], x: Tensor, y_cols: Tensor, a: int,
+                  g_x: Tensor | None, g_y: Tensor | None, g_mats: Sequence[Tensor | None]) -> None:
+    """Given g, the gradient of rows a:a+len(g) of sum_m (x_m y_m^T) * S_m: add the weights' shares
+    to g_x / g_y and write the matrices' rows into g_mats (each where not None)."""
+    b = a + g.shape[0]
+    for m, mat in enumerate(mats):
+        if g_x is not None or g_y is not None:
+            prod = torch.mul(g, mat[a:b], out=tmp)
+            if g_x is not None:
+                g_x[a:b, m] += prod @ y_cols[m]
+            if g_y is not None:
+                g_y[:, m] += x[a:b, m] @ prod
+        if g_mats[m] is not None:
+            torch.mul(g, y_cols[m], out=g_mats[m][a:b]).mul_(x[a:b, m, None])
+
+
 class WeightedSum(torch.autograd.Function):
     """out_ij = sum_m a_im b_jm S_m,ij for matrices S_m (n, c) and weights a (n, M), b (c, M).
 
@@ -168,36 +219,72 @@ class WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, *mats: Tensor) -> Tensor:
-        out, buf = torch.empty_like(mats[0]), _scratch(mats[0])
-        b_cols = b.T.contiguous()  # a strided column broadcast along rows is several times slower
+        out, tmp, b_cols = torch.empty_like(mats[0]), _scratch(mats[0]), b.T.contiguous()
         for r0, r1 in _blocks(out.shape[0]):
-            blk = out[r0:r1]
-            torch.mul(mats[0][r0:r1], b_cols[0], out=blk).mul_(a[r0:r1, 0, None])
-            for m in range(1, len(mats)):
-                blk.addcmul_(torch.mul(mats[m][r0:r1], b_cols[m], out=buf[: r1 - r0]), a[r0:r1, m, None])
+            _combine_into(out[r0:r1], tmp[: r1 - r0], mats, a, b_cols, r0)
         ctx.save_for_backward(a, b, *mats)
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
         a, b, *mats = ctx.saved_tensors
-        need_a, need_b = ctx.needs_input_grad[:2]
-        g_a = torch.zeros_like(a) if need_a else None
-        g_b = torch.zeros_like(b) if need_b else None
+        g_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
+        g_b = torch.zeros_like(b) if ctx.needs_input_grad[1] else None
         g_mats = [torch.empty_like(g) if need else None for need in ctx.needs_input_grad[2:]]
-        buf, b_cols = _scratch(g), b.T.contiguous()
+        tmp, b_cols = _scratch(g), b.T.contiguous()
         for r0, r1 in _blocks(g.shape[0]):
-            g_blk = g[r0:r1]
-            for m, mat in enumerate(mats):
-                if need_a or need_b:
-                    prod = torch.mul(g_blk, mat[r0:r1], out=buf[: r1 - r0])
-                    if need_a:
-                        g_a[r0:r1, m] = prod @ b_cols[m]
-                    if need_b:
-                        g_b[:, m] += a[r0:r1, m] @ prod
-                if g_mats[m] is not None:
-                    torch.mul(g_blk, b_cols[m], out=g_mats[m][r0:r1]).mul_(a[r0:r1, m, None])
+            _combine_grad(g[r0:r1], tmp[: r1 - r0], mats, a, b_cols, r0, g_a, g_b, g_mats)
         return g_a, g_b, *g_mats
+
+
+def _joint_parts(mats: Sequence[Tensor], left: Tensor, right: Tensor) -> list[tuple[Sequence[Tensor], Tensor, Tensor]]:
+    """(matrices, row weights, column weights^T) of the joint ab, aa and bb; mats = ab_m..., aa_m..., bb_m..."""
+    m, l_cols, r_cols = left.shape[1], left.T.contiguous(), right.T.contiguous()
+    return [(mats[:m], left, r_cols), (mats[m:2 * m], left, l_cols), (mats[2 * m:], right, r_cols)]
+
+
+class JointInfoNCE(torch.autograd.Function):
+    """InfoNCE (as ``InfoNCE``) of the joint cosines ab = sum_m (l_m r_m^T) * ab_m, aa = sum_m
+    (l_m l_m^T) * aa_m and bb = sum_m (r_m r_m^T) * bb_m, from per-modality cosine matrices and
+    weights l, r (B, M) of the left and right entities: GMI's loss.
+
+    Equal to ``InfoNCE`` of ``WeightedSum``'s products, but the joint matrices and their gradients
+    only ever exist as row blocks in cache: 6 fewer (B, B) tensors written and read back.
+    """
+
+    @staticmethod
+    def forward(ctx, left: Tensor, right: Tensor, tau: float, coef: Tensor, keep: Tensor | None, *mats: Tensor):
+        parts, inv = _joint_parts(mats, left, right), 1.0 / tau
+        cos, tmp = [_scratch(mats[0]) for _ in parts], _scratch(mats[0])
+
+        def blocks(a: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
+            return tuple(_combine_into(c[: b - a], tmp[: b - a], *part, a) for c, part in zip(cos, parts))
+
+        lse_a, lse_b, pos = _lse(blocks, left.shape[0], inv, keep, _scratch(mats[0]))
+        ctx.save_for_backward(left, right, coef, lse_a, lse_b, _saved_keep(keep, left), *mats)
+        ctx.tau = tau
+        return (coef * (0.5 * (lse_a + lse_b) - pos * inv)).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        left, right, coef, lse_a, lse_b, keep, *mats = ctx.saved_tensors
+        need_w = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        g_left, g_right = (torch.zeros_like(left), torch.zeros_like(right)) if need_w else (None, None)
+        g_mats = [torch.empty_like(x) if need else None for x, need in zip(mats, ctx.needs_input_grad[5:])]
+        parts, m = _joint_parts(mats, left, right), left.shape[1]
+        g_parts = [(g_left, g_right, g_mats[:m]), (g_left, g_left, g_mats[m:2 * m]), (g_right, g_right, g_mats[2 * m:])]
+        cos, grads, tmp = [_scratch(mats[0]) for _ in parts], [_scratch(mats[0]) for _ in parts], _scratch(mats[0])
+
+        def blocks(a: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
+            return tuple(_combine_into(c[: b - a], tmp[: b - a], *part, a) for c, part in zip(cos, parts))
+
+        def scatter(a: int, b: int) -> None:
+            for g, part, g_part in zip(grads, parts, g_parts):
+                _combine_grad(g[: b - a], tmp[: b - a], *part, a, *g_part)
+
+        _write_grads(blocks, lambda a, b: tuple(g[: b - a] for g in grads), left.shape[0], 1.0 / ctx.tau,
+                     _loaded_keep(keep), coef * grad, (lse_a, lse_b), _scratch(mats[0]), then=scatter)
+        return g_left, g_right, None, None, None, *g_mats
 
 
 def fused_info_nce(ab: Tensor, aa: Tensor, bb: Tensor, tau: float, pair_weight_b: Tensor | None = None,
@@ -212,6 +299,14 @@ def fused_info_nce(ab: Tensor, aa: Tensor, bb: Tensor, tau: float, pair_weight_b
     else:
         coef = weight / n
     return InfoNCE.apply(ab, aa, bb, tau, coef, _drop_all_true(keep))
+
+
+def fused_joint_info_nce(ab: Sequence[Tensor], aa: Sequence[Tensor], bb: Sequence[Tensor], left: Tensor,
+                         right: Tensor, tau: float) -> Tensor:
+    """``fused_info_nce`` (no weights, every pair valid) of the joint cosines from per-modality
+    cosine matrices and weights left, right (B, M) (see ``JointInfoNCE``)."""
+    n = left.shape[0]
+    return JointInfoNCE.apply(left, right, tau, left.new_ones(n) / n, None, *ab, *aa, *bb)
 
 
 class RowInfoNCE(torch.autograd.Function):

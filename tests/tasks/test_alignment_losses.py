@@ -321,3 +321,33 @@ def test_weighted_sum_matches_broadcast_products_and_gradients():
     out = WeightedSum.apply(a.detach(), b, *mats)
     g = torch.autograd.grad(out.sum(), [b, mats[0]])
     assert torch.allclose(g[1], (a[:, 0, None] * b[None, :, 0]).detach().expand(rows, cols))
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_joint_info_nce_equals_info_nce_of_weighted_sums(with_mask):
+    """GMI's fused loss: same value and gradients as InfoNCE of the materialised joint matrices."""
+    from snag_dist.tasks.fused_nce import CHUNK, InfoNCE, JointInfoNCE, WeightedSum
+
+    gen = torch.Generator().manual_seed(7)
+    n, m = CHUNK + 19, 2
+
+    def leaf(*shape):
+        return torch.rand(*shape, generator=gen, dtype=torch.float64).mul(2).sub(1).requires_grad_()
+
+    mats = [leaf(n, n) for _ in range(3 * m)]  # ab_m..., aa_m..., bb_m...
+    left, right = leaf(n, m), leaf(n, m)
+    coef = torch.rand(n, generator=gen, dtype=torch.float64)
+    keep = (torch.rand(n, generator=gen) > 0.3).double() if with_mask else None
+    got = JointInfoNCE.apply(left, right, 0.1, coef, keep, *mats)
+    ab = WeightedSum.apply(left, right, *mats[:m])
+    aa = WeightedSum.apply(left, left, *mats[m:2 * m])
+    bb = WeightedSum.apply(right, right, *mats[2 * m:])
+    want = InfoNCE.apply(ab, aa, bb, 0.1, coef, keep)
+    assert torch.allclose(got, want)
+    inputs = [left, right, *mats]
+    for g, w in zip(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs)):
+        assert torch.allclose(g, w)
+    small = [x[:6, :6].detach().requires_grad_() for x in mats] + [x[:6].detach().requires_grad_() for x in (left, right)]
+    k = keep[:6] if keep is not None else None
+    assert torch.autograd.gradcheck(
+        lambda *t: JointInfoNCE.apply(t[-2], t[-1], 0.5, coef[:6], k, *t[:-2]), tuple(small))
