@@ -96,7 +96,7 @@ class CompletionConfig:
     negative_chunk: PosInt = doc(64, "positives sharing one draw of negatives (1 = own negatives per positive)")
     filter_negatives: bool = doc(True, "leave negatives that form a known training triple out of the loss")
     self_negative: Literal["none", "adversarial", "pairwise"] = doc(
-        "pairwise", "the kept entity as a corruption ((h, r, h) for a new tail) unless that triple is known: "
+        "adversarial", "the kept entity as a corruption ((h, r, h) for a new tail) unless that triple is known: "
         "none, one more negative in the self-adversarial softmax, or a pairwise term (true above self)")
     dedupe_valid: bool = doc(True, "select on validation triples that are not training triples (DB15K: 88% are)")
     kernel: Literal["auto", "compiled", "eager"] = doc("auto", "RotatE distance: torch.compile'd, eager, or by work size")
