@@ -55,13 +55,16 @@ class Sims:
 
 
 def similarities(left_bd: Tensor, right_bd: Tensor, rows: slice | None = None) -> Sims:
+    """Cosine matrices of the pairs' rows (all, or this rank's ``rows`` against all), in fp32 even
+    under autocast: the logits divide them by tau, which would amplify bf16 rounding."""
     left_bd = F.normalize(left_bd.float(), dim=1)
     right_bd = F.normalize(right_bd.float(), dim=1)
     if rows is None:
         return Sims(*Gram.apply(left_bd, right_bd))
     mine_l, mine_r = left_bd[rows], right_bd[rows]
     pos = torch.arange(rows.start, rows.stop, device=left_bd.device)
-    return Sims(mine_l @ right_bd.T, mine_l @ left_bd.T, mine_r @ right_bd.T, mine_r @ left_bd.T, pos)
+    with torch.autocast(left_bd.device.type, enabled=False):
+        return Sims(mine_l @ right_bd.T, mine_l @ left_bd.T, mine_r @ right_bd.T, mine_r @ left_bd.T, pos)
 
 
 def joint_weights(w_left_bm: Tensor, w_right_bm: Tensor, unit_left_bm: Tensor, unit_right_bm: Tensor,

@@ -18,12 +18,27 @@ Per pair i (left l_i, right r_i) with keep mask k (dropped pairs are neither pos
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 CHUNK = 256  # rows per block: 256 x B floats stay in L2/L3 for B in the thousands
+
+
+def _without_autocast(fn: Callable) -> Callable:
+    """Runs an autograd Function's forward or backward with autocast off (on the device of its first
+    tensor argument): the kernels compute in their inputs' dtype, fp32 cosines from ``similarities``
+    (logits / tau would amplify bf16 rounding), and write through out= buffers autocast leaves alone."""
+
+    @functools.wraps(fn)
+    def run(ctx, *args):
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        with torch.autocast(first.device.type if first is not None else "cpu", enabled=False):
+            return fn(ctx, *args)
+
+    return run
 
 
 def _blocks(n: int, chunk: int = CHUNK):
@@ -103,6 +118,7 @@ def _loaded_keep(keep: Tensor) -> Tensor | None:
 
 class InfoNCE(torch.autograd.Function):
     @staticmethod
+    @_without_autocast
     def forward(ctx, ab: Tensor, aa: Tensor, bb: Tensor, tau: float, coef: Tensor, keep: Tensor | None):
         inv = 1.0 / tau
         lse_a, lse_b, pos = _lse(lambda a, b: (ab[a:b], aa[a:b], bb[a:b]), ab.shape[0], inv, keep, _scratch(ab))
@@ -111,6 +127,7 @@ class InfoNCE(torch.autograd.Function):
         return (coef * (0.5 * (lse_a + lse_b) - pos * inv)).sum()
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad: Tensor):
         ab, aa, bb, coef, lse_a, lse_b, keep = ctx.saved_tensors
         g_ab, g_aa, g_bb = torch.empty_like(ab), torch.empty_like(aa), torch.empty_like(bb)
@@ -168,12 +185,14 @@ class Gram(torch.autograd.Function):
     """
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, left: Tensor, right: Tensor):
         ctx.set_materialize_grads(False)  # an unused output stays None instead of a zero (B, B)
         ctx.save_for_backward(left, right)
         return left @ right.T, _self_gram(left), _self_gram(right)
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, g_ab: Tensor | None, g_aa: Tensor | None, g_bb: Tensor | None):
         left, right = ctx.saved_tensors
         g_left = _side_grad(g_ab, right, g_aa, left) if ctx.needs_input_grad[0] else None
@@ -218,6 +237,7 @@ class WeightedSum(torch.autograd.Function):
     """
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, a: Tensor, b: Tensor, *mats: Tensor) -> Tensor:
         out, tmp, b_cols = torch.empty_like(mats[0]), _scratch(mats[0]), b.T.contiguous()
         for r0, r1 in _blocks(out.shape[0]):
@@ -226,6 +246,7 @@ class WeightedSum(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, g: Tensor):
         a, b, *mats = ctx.saved_tensors
         g_a = torch.zeros_like(a) if ctx.needs_input_grad[0] else None
@@ -253,6 +274,7 @@ class JointInfoNCE(torch.autograd.Function):
     """
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, left: Tensor, right: Tensor, tau: float, coef: Tensor, keep: Tensor | None, *mats: Tensor):
         parts, inv = _joint_parts(mats, left, right), 1.0 / tau
         cos, tmp = [_scratch(mats[0]) for _ in parts], _scratch(mats[0])
@@ -266,6 +288,7 @@ class JointInfoNCE(torch.autograd.Function):
         return (coef * (0.5 * (lse_a + lse_b) - pos * inv)).sum()
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad: Tensor):
         left, right, coef, lse_a, lse_b, keep, *mats = ctx.saved_tensors
         need_w = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -318,6 +341,7 @@ class RowInfoNCE(torch.autograd.Function):
     """
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, cross: Tensor, same: Tensor, pos: Tensor, tau: float, coef: Tensor, keep: Tensor | None):
         n, inv = cross.shape[0], 1.0 / tau
         total = cross.new_zeros(n)
@@ -336,6 +360,7 @@ class RowInfoNCE(torch.autograd.Function):
         return (coef * per_row).sum()
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad: Tensor):
         cross, same, pos, coef, lse, keep = ctx.saved_tensors
         keep_row = keep[None, :] if keep.numel() else None

@@ -351,3 +351,25 @@ def test_joint_info_nce_equals_info_nce_of_weighted_sums(with_mask):
     k = keep[:6] if keep is not None else None
     assert torch.autograd.gradcheck(
         lambda *t: JointInfoNCE.apply(t[-2], t[-1], 0.5, coef[:6], k, *t[:-2]), tuple(small))
+
+
+@pytest.mark.parametrize("rows", [None, slice(100, 400)])
+def test_losses_run_in_fp32_under_bf16_autocast(rows):
+    """The fused kernels mix out= writes and matmuls: under autocast they must still agree (fp32 cosines)."""
+    from snag_dist.tasks.alignment_losses import info_nce, joint_info_nce, similarities
+
+    def run():
+        gen = torch.Generator().manual_seed(8)
+        left = torch.randn(600, 16, generator=gen, requires_grad=True)
+        right = torch.randn(600, 16, generator=gen, requires_grad=True)
+        w = torch.rand(600, 2, generator=gen, requires_grad=True)
+        unit = torch.ones(600, 2)
+        sims = [similarities(left, right, rows), similarities(right, left, rows)]
+        loss = info_nce(sims[0], 0.1) + joint_info_nce(sims, w, w, unit, unit, 0.1)
+        return (loss, *torch.autograd.grad(loss, (left, right, w)))
+
+    want = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run()
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.allclose(g, w, atol=1e-4)
