@@ -129,10 +129,10 @@ def test_batches_split_global_batches_and_filter_negatives(mini_shards):
     assert len(per_rank[0]) == len(per_rank[1]) == tasks[0].steps_per_epoch() == math.ceil(len(train) / 512)
     seen = torch.cat([b.triples for batches in per_rank for b in batches])
     assert len(seen) == len(train) and len(torch.unique(seen, dim=0)) == len(torch.unique(train, dim=0))
-    batch = per_rank[0][0]
-    assert batch.negatives.shape == (math.ceil(256 / 64), 32) and batch.chunk == 64
+    batch, chunk = per_rank[0][0], tasks[0].ccfg.negative_chunk
+    assert batch.negatives.shape == (math.ceil(256 / chunk), 32) and batch.chunk == chunk < 256
     for i, (h, r, t) in enumerate(batch.triples.tolist()):
-        for k, e in enumerate(batch.negatives[i // 64].tolist()):
+        for k, e in enumerate(batch.negatives[i // chunk].tolist()):
             fact = (e, r, t) if batch.head_side[i] else (h, r, e)
             assert bool(batch.valid[i, k]) == (fact not in facts)
         kept = t if batch.head_side[i] else h
