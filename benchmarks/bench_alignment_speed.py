@@ -16,6 +16,7 @@ import time
 import torch
 
 from snag_dist.config import load_config
+from snag_dist.engine.memory import keep_freed_memory
 from snag_dist.engine.optim import build_optimizer
 from snag_dist.tasks.alignment import AlignmentTask
 
@@ -23,6 +24,8 @@ from snag_dist.tasks.alignment import AlignmentTask
 def main() -> None:
     mods = sys.argv[1] if len(sys.argv) > 1 else "[structure,relation]"
     cfg = load_config("dbp15k_fr_en", ["data.shards=shards/dbp15k_fr_en", f"model.modalities={mods}"])
+    if cfg.engine.keep_freed_memory:  # as `snag-dist train` does
+        keep_freed_memory()
     torch.manual_seed(0)
     task = AlignmentTask(cfg)
     opt = build_optimizer(task.module, cfg.train.lr, cfg.train.weight_decay)

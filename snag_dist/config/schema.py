@@ -138,6 +138,8 @@ class EngineConfig:
     ds_config: str = doc("", "path of a DeepSpeed ds_config JSON ('' = built from this config)")
     fsdp: bool = doc(False, "Accelerate: FSDP instead of DDP")
     cpu: bool = doc(False, "force CPU even when an accelerator is present")
+    keep_freed_memory: bool = doc(True, "glibc: keep freed large blocks in the heap (no per-step page faults; "
+                                  "~10 % more RSS)")
 
 
 @dataclass(config=_FROZEN)

@@ -13,6 +13,7 @@ from snag_dist.engine.backend import build_backend
 from snag_dist.engine.checkpoint import load_checkpoint
 from snag_dist.engine.dist import Collectives
 from snag_dist.engine.loop import Trainer
+from snag_dist.engine.memory import keep_freed_memory
 from snag_dist.errors import CheckpointError
 from snag_dist.logging import MetricsLogger
 from snag_dist.tasks.registry import TASKS
@@ -23,6 +24,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     """Train ``cfg`` into ``run_dir``; ``callbacks`` get ``{epoch, phase, <metrics>, checkpoint}`` on every
     rank after each validation (the checkpoint path is set when one was saved that epoch)."""
     run_dir = Path(run_dir)
+    if cfg.engine.keep_freed_memory:
+        keep_freed_memory()
     backend = build_backend(cfg.engine, cfg.train)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     task = TASKS.get(cfg.task.name)(cfg, backend.rank, backend.world_size, backend.device)
