@@ -264,6 +264,16 @@ def _joint_parts(mats: Sequence[Tensor], left: Tensor, right: Tensor) -> list[tu
     return [(mats[:m], left, r_cols), (mats[m:2 * m], left, l_cols), (mats[2 * m:], right, r_cols)]
 
 
+def _joint_blocks(parts: list[tuple[Sequence[Tensor], Tensor, Tensor]], like: Tensor) -> Blocks:
+    """``blocks(a, b)`` giving rows a:b of the joint (ab, aa, bb), built in reused scratch blocks."""
+    cos, tmp = [_scratch(like) for _ in parts], _scratch(like)
+
+    def blocks(a: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(_combine_into(c[: b - a], tmp[: b - a], *part, a) for c, part in zip(cos, parts))
+
+    return blocks
+
+
 class JointInfoNCE(torch.autograd.Function):
     """InfoNCE (as ``InfoNCE``) of the joint cosines ab = sum_m (l_m r_m^T) * ab_m, aa = sum_m
     (l_m l_m^T) * aa_m and bb = sum_m (r_m r_m^T) * bb_m, from per-modality cosine matrices and
@@ -277,12 +287,7 @@ class JointInfoNCE(torch.autograd.Function):
     @_without_autocast
     def forward(ctx, left: Tensor, right: Tensor, tau: float, coef: Tensor, keep: Tensor | None, *mats: Tensor):
         parts, inv = _joint_parts(mats, left, right), 1.0 / tau
-        cos, tmp = [_scratch(mats[0]) for _ in parts], _scratch(mats[0])
-
-        def blocks(a: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
-            return tuple(_combine_into(c[: b - a], tmp[: b - a], *part, a) for c, part in zip(cos, parts))
-
-        lse_a, lse_b, pos = _lse(blocks, left.shape[0], inv, keep, _scratch(mats[0]))
+        lse_a, lse_b, pos = _lse(_joint_blocks(parts, mats[0]), left.shape[0], inv, keep, _scratch(mats[0]))
         ctx.save_for_backward(left, right, coef, lse_a, lse_b, _saved_keep(keep, left), *mats)
         ctx.tau = tau
         return (coef * (0.5 * (lse_a + lse_b) - pos * inv)).sum()
@@ -296,17 +301,14 @@ class JointInfoNCE(torch.autograd.Function):
         g_mats = [torch.empty_like(x) if need else None for x, need in zip(mats, ctx.needs_input_grad[5:])]
         parts, m = _joint_parts(mats, left, right), left.shape[1]
         g_parts = [(g_left, g_right, g_mats[:m]), (g_left, g_left, g_mats[m:2 * m]), (g_right, g_right, g_mats[2 * m:])]
-        cos, grads, tmp = [_scratch(mats[0]) for _ in parts], [_scratch(mats[0]) for _ in parts], _scratch(mats[0])
-
-        def blocks(a: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
-            return tuple(_combine_into(c[: b - a], tmp[: b - a], *part, a) for c, part in zip(cos, parts))
+        grads, tmp = [_scratch(mats[0]) for _ in parts], _scratch(mats[0])
 
         def scatter(a: int, b: int) -> None:
             for g, part, g_part in zip(grads, parts, g_parts):
                 _combine_grad(g[: b - a], tmp[: b - a], *part, a, *g_part)
 
-        _write_grads(blocks, lambda a, b: tuple(g[: b - a] for g in grads), left.shape[0], 1.0 / ctx.tau,
-                     _loaded_keep(keep), coef * grad, (lse_a, lse_b), _scratch(mats[0]), then=scatter)
+        _write_grads(_joint_blocks(parts, mats[0]), lambda a, b: tuple(g[: b - a] for g in grads), left.shape[0],
+                     1.0 / ctx.tau, _loaded_keep(keep), coef * grad, (lse_a, lse_b), _scratch(mats[0]), then=scatter)
         return g_left, g_right, None, None, None, *g_mats
 
 
@@ -355,7 +357,7 @@ class RowInfoNCE(torch.autograd.Function):
             total[a:b] += e.sum(1)
         lse = total.clamp_min(1e-30).log_() + inv
         per_row = lse - cross[rows, pos] * inv
-        ctx.save_for_backward(cross, same, pos, coef, lse, keep if keep is not None else cross.new_ones(0))
+        ctx.save_for_backward(cross, same, pos, coef, lse, _saved_keep(keep, cross))
         ctx.tau = tau
         return (coef * per_row).sum()
 
@@ -363,7 +365,8 @@ class RowInfoNCE(torch.autograd.Function):
     @_without_autocast
     def backward(ctx, grad: Tensor):
         cross, same, pos, coef, lse, keep = ctx.saved_tensors
-        keep_row = keep[None, :] if keep.numel() else None
+        keep = _loaded_keep(keep)
+        keep_row = keep[None, :] if keep is not None else None
         n, inv = cross.shape[0], 1.0 / ctx.tau
         c = coef * grad
         scale = c * torch.exp(inv - lse) * inv
