@@ -88,7 +88,8 @@ def throughput(dataset: str, variant: str, extra: list[str], warmup: int, steps:
     torch.manual_seed(cfg.train.seed)
     task = CompletionTask(cfg)
     module = task.module
-    optimizer = build_optimizer(module, cfg.train.lr, cfg.train.weight_decay)
+    optimizer = build_optimizer(module, cfg.train.lr, cfg.train.weight_decay, cfg.train.embedding_lr_scale,
+                                cfg.train.lr_scales)
     task.on_epoch_start(0, module, None)
     module.train()
     times, rows = [], 0

@@ -87,10 +87,14 @@ class AlignmentConfig:
 @dataclass(config=_FROZEN)
 class CompletionConfig:
     margin: PosFloat = doc(12.0, "RotatE margin gamma")
+    distance: Literal["l1", "l2"] = doc(
+        "l1", "|h o r - t|: sum of complex moduli (RotatE paper, the reference) or Euclidean norm (PyKEEN's RotatE)")
     negatives: PosInt = doc(32, "negative samples per positive triple")
     adv_temperature: Annotated[float, Field(ge=0.0)] = doc(2.0, "self-adversarial sampling temperature (0 = uniform)")
     readout: Literal["graph", "mean"] = doc("graph", "joint entity vector: structure token or mean of tokens")
     dim: NonNegInt = doc(0, "RotatE complex dimension D (entity vector = 2*D reals, D relation phases); 0 = hidden // 2")
+    entity_residual: bool = doc(
+        False, "add a free per-entity RotatE vector (zero-initialised table) to the projected readout")
     projection_layers: PosInt = doc(1, "layers projecting the readout to the RotatE vector (reference: 2 for graph)")
     corruption: Literal["bernoulli", "uniform"] = doc("bernoulli", "head-or-tail choice: Bernoulli rule or 50/50")
     negative_chunk: PosInt = doc(64, "positives sharing one draw of negatives (1 = own negatives per positive)")
@@ -120,6 +124,8 @@ class TrainConfig:
         "cosine", "after the warm-up: cosine decay to 0 at the phase's end, or constant")
     embedding_lr_scale: PosFloat = doc(
         1.0, "lr multiplier for entity embedding tables (sparse rows, updated only when sampled)")
+    lr_scales: dict[str, PosFloat] = doc(
+        {}, "lr multipliers by parameter-name pattern (fnmatch, first match), e.g. {rotate.relation: 10}")
     grad_clip: Annotated[float, Field(ge=0.0)] = doc(1.0, "max gradient norm (0 = off)")
     grad_accum: PosInt = doc(1, "gradient accumulation steps")
     seed: int = doc(42, "seed for every random choice (combined with epoch and rank)")

@@ -87,7 +87,7 @@ class Trainer:
     def _setup_phase(self, phase: Phase, first_epoch: int, end_epoch: int) -> None:
         module = self.backend.unwrap(self.module) if hasattr(self, "module") else self.task.module
         optimizer = build_optimizer(module, self.cfg.lr * phase.lr_scale, self.cfg.weight_decay,
-                                    self.cfg.embedding_lr_scale)
+                                    self.cfg.embedding_lr_scale, self.cfg.lr_scales)
         total = max(1, (end_epoch - first_epoch) * self.task.steps_per_epoch() // self.cfg.grad_accum)
         self.state.schedule_steps, self.state.schedule_segment = total, (0, 0.0, 1.0)
         self._raw_optimizer = optimizer

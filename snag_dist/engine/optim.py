@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+from snag_dist.errors import ConfigError
 
 NO_DECAY_MARKERS = ("bias", "global_weights", "log_var", "norm", "LayerNorm")
 
@@ -17,23 +21,36 @@ def embedding_parameter_names(module: nn.Module) -> set[str]:
             if isinstance(sub, nn.Embedding)}
 
 
-def build_optimizer(module: nn.Module, lr: float, weight_decay: float,
-                    embedding_lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """AdamW; groups: decayed / not decayed, and embedding tables at ``lr * embedding_lr_scale``.
+def build_optimizer(module: nn.Module, lr: float, weight_decay: float, embedding_lr_scale: float = 1.0,
+                    lr_scales: Mapping[str, float] | None = None) -> torch.optim.Optimizer:
+    """AdamW; groups: decayed / not decayed, times the lr multiplier of each parameter.
 
-    A table row moves only on the steps that sample its entity, while the shared layers move on
-    every step: a larger lr for the tables lets them keep pace (group order is fixed, so optimizer
-    state in checkpoints lines up)."""
+    Multipliers: ``embedding_lr_scale`` for the weights of every nn.Embedding (a table row moves only
+    on the steps that sample its entity, while the shared layers move on every step), then the first
+    pattern of ``lr_scales`` (fnmatch over parameter names, e.g. ``"rotate.relation"`` or
+    ``"model.fusion.*"``) that matches, multiplied in. A pattern that matches no parameter is a
+    ConfigError. Groups are sorted by (no decay, multiplier), so with the defaults the order is the
+    same as without multipliers and optimizer state in checkpoints lines up."""
     tables = embedding_parameter_names(module) if embedding_lr_scale != 1.0 else set()
-    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    patterns = dict(lr_scales or {})
+    used: set[str] = set()
+    buckets: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        key = (any(m in name for m in NO_DECAY_MARKERS), name in tables)
+        scale = embedding_lr_scale if name in tables else 1.0
+        match = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+        if match is not None:
+            scale *= patterns[match]
+            used.add(match)
+        key = (any(m in name for m in NO_DECAY_MARKERS), scale)
         buckets.setdefault(key, []).append(param)
-    groups = [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
-               "lr": lr * (embedding_lr_scale if table else 1.0)}
-              for (no_decay, table), params in sorted(buckets.items())]
+    unused = sorted(set(patterns) - used)
+    if unused:
+        raise ConfigError(f"train.lr_scales: pattern {unused[0]!r} matches no trainable parameter "
+                          f"(names look like {next(iter(dict(module.named_parameters())), '?')!r})")
+    groups = [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * scale}
+              for (no_decay, scale), params in sorted(buckets.items())]
     return torch.optim.AdamW(groups, lr=lr, eps=1e-8)
 
 

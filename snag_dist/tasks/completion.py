@@ -81,6 +81,20 @@ def group_distance(a_re: torch.Tensor, a_im: torch.Tensor, n_re: torch.Tensor, n
     return torch.sqrt(dr * dr + di * di + _EPS).sum(-1)
 
 
+def pair_distance(x_re: torch.Tensor, x_im: torch.Tensor, y_re: torch.Tensor, y_im: torch.Tensor,
+                  norm: str) -> torch.Tensor:
+    """|x - y| row by row: sum_d |x_d - y_d| ("l1") or sqrt(sum_d |x_d - y_d|^2) ("l2")."""
+    sq = (x_re - y_re) ** 2 + (x_im - y_im) ** 2
+    return torch.sqrt(sq + _EPS).sum(-1) if norm == "l1" else torch.sqrt(sq.sum(-1) + _EPS)
+
+
+def l2_distance(a_2D: torch.Tensor, n_2D: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of every query to every candidate by one matrix product per group:
+    |a - n|^2 = |a|^2 + |n|^2 - 2 a.n; (..., C, 2D) x (..., K, 2D) -> (..., C, K)."""
+    sq = (a_2D * a_2D).sum(-1)[..., :, None] + (n_2D * n_2D).sum(-1)[..., None, :] - 2 * a_2D @ n_2D.transpose(-1, -2)
+    return torch.sqrt(sq.clamp_min(0.0) + _EPS)
+
+
 class DistanceKernel:
     """`group_distance`, eager or torch.compile'd (one fused loop instead of ~10 passes over a
     (G, C, K, D) tensor forward and ~20 backward); falls back to eager if compiling fails."""
@@ -110,11 +124,12 @@ class DistanceKernel:
 
 class RotatE(nn.Module):
     """Relation phases (R, D); relations are stored in units of RotatE's embedding range so Adam
-    moves phases as fast as in the original ((margin + 2) / D = pi)."""
+    moves phases as fast as in the original ((margin + 2) / D = pi). ``norm``: "l1" scores
+    margin - sum_d |h_d r_d - t_d| (the RotatE paper), "l2" margin - ||h o r - t||_2 (PyKEEN)."""
 
-    def __init__(self, num_relations: int, dim: int, margin: float) -> None:
+    def __init__(self, num_relations: int, dim: int, margin: float, norm: str = "l1") -> None:
         super().__init__()
-        self.margin, self.dim = margin, dim
+        self.margin, self.dim, self.norm = margin, dim, norm
         self.range = (margin + 2.0) / dim
         self.relation = nn.Parameter(torch.empty(num_relations, dim).uniform_(-self.range, self.range))
         self.kernel = DistanceKernel(compiled=False)  # training distance; the task may compile it
@@ -140,7 +155,7 @@ class RotatE(nn.Module):
         cos, sin = self.rotation(batch.triples[:, 1])
         (h_re, h_im), (t_re, t_im) = ent[h].chunk(2, dim=-1), ent[t].chunk(2, dim=-1)
         hr_re, hr_im = self.rotate(h_re, h_im, cos, sin)
-        pos = self.margin - torch.sqrt((hr_re - t_re) ** 2 + (hr_im - t_im) ** 2 + _EPS).sum(-1)
+        pos = self.margin - pair_distance(hr_re, hr_im, t_re, t_im, self.norm)
         # The corrupted side is compared with the other side moved through r: h * r for a new tail,
         # t * conj(r) for a new head (|e * r - t| = |e - t * conj(r)|).
         side = batch.head_side[:, None]
@@ -150,15 +165,18 @@ class RotatE(nn.Module):
         groups = max(g, self.groups)
         neg_GK = F.pad(neg_GK, (0, 0, 0, groups - g))  # padded rows score entity rows 0, then are cut
         a_re, a_im = (F.pad(x, (0, 0, 0, groups * c - b)).view(groups, c, -1) for x in (a_re, a_im))
-        n_re, n_im = (x.contiguous() for x in ent[neg_GK].chunk(2, dim=-1))
-        dist = self.kernel(a_re, a_im, n_re, n_im)
+        if self.norm == "l1":
+            n_re, n_im = (x.contiguous() for x in ent[neg_GK].chunk(2, dim=-1))
+            dist = self.kernel(a_re, a_im, n_re, n_im)
+        else:
+            dist = l2_distance(torch.cat([a_re, a_im], -1), ent[neg_GK])
         neg = self.margin - dist.view(groups * c, k)[:b]
         if batch.self_valid is None:
             return pos, neg, None
         # The kept entity as its own corruption: |h * r - h| (new tail) or |t * conj(r) - t| (new head).
         a_re, a_im = a_re.view(groups * c, -1)[:b], a_im.view(groups * c, -1)[:b]
         s_re, s_im = torch.where(side, t_re, h_re), torch.where(side, t_im, h_im)
-        own = self.margin - torch.sqrt((a_re - s_re) ** 2 + (a_im - s_im) ** 2 + _EPS).sum(-1)
+        own = self.margin - pair_distance(a_re, a_im, s_re, s_im, self.norm)
         return pos, neg, own
 
 
@@ -203,7 +221,7 @@ def head_probability(train_T3: torch.Tensor, num_relations: int) -> torch.Tensor
 class CompletionModule(nn.Module):
     """SNAG + readout projection + RotatE. ``forward(batch) -> losses``."""
 
-    def __init__(self, model: SNAG, ccfg: CompletionConfig, num_relations: int) -> None:
+    def __init__(self, model: SNAG, ccfg: CompletionConfig, num_relations: int, num_entities: int = 0) -> None:
         super().__init__()
         hidden = model.cfg.hidden
         dim = ccfg.dim or hidden // 2
@@ -211,7 +229,7 @@ class CompletionModule(nn.Module):
             raise ConfigError("task.completion.readout=graph reads the structure token; add 'structure' to "
                               "model.modalities or use readout=mean")
         self.model, self.ccfg = model, ccfg
-        self.rotate = RotatE(num_relations, dim, ccfg.margin)
+        self.rotate = RotatE(num_relations, dim, ccfg.margin, ccfg.distance)
         layers: list[nn.Module] = []
         for _ in range(ccfg.projection_layers - 1):
             layers += [nn.Linear(hidden, hidden), nn.ReLU()]
@@ -221,6 +239,13 @@ class CompletionModule(nn.Module):
         nn.init.uniform_(last.weight, -self.rotate.range / math.sqrt(hidden), self.rotate.range / math.sqrt(hidden))
         nn.init.zeros_(last.bias)
         self.projection = nn.Sequential(*layers, last)
+        # Optional free per-entity correction on top of the fused vector (starts at 0: pure SNAG).
+        self.residual: nn.Embedding | None = None
+        if ccfg.entity_residual:
+            if num_entities <= 0:
+                raise ConfigError("task.completion.entity_residual needs the number of entities")
+            self.residual = nn.Embedding(num_entities, 2 * dim)
+            nn.init.zeros_(self.residual.weight)
         self.graph: GraphData | None = None  # set by the task; plain attribute, never broadcast
         self.last_weights: torch.Tensor | None = None
 
@@ -238,7 +263,10 @@ class CompletionModule(nn.Module):
         else:
             present = out.present[..., None].to(out.hidden_stack.dtype)
             readout = (out.hidden_stack * present).sum(1) / present.sum(1).clamp_min(1.0)
-        return self.projection(readout)
+        vectors = self.projection(readout)
+        if self.residual is not None:
+            vectors = vectors + self.residual(ids_U)
+        return vectors
 
     def forward(self, batch: CompletionBatch) -> dict[str, torch.Tensor]:
         b = batch.triples.shape[0]
@@ -282,6 +310,8 @@ class RotatEScorer:
         dev = self.table.device
         a_re, a_im = self.rotate.anchor(self.table[anchor_c.to(dev)], rel_c.to(dev), predict_head)
         a_re, a_im = a_re.float().contiguous(), a_im.float().contiguous()
+        if self.rotate.norm == "l2":
+            return self.rotate.margin - l2_distance(torch.cat([a_re, a_im], -1), self.table)
         if self.kernel.compiled:
             try:
                 return self.rotate.margin - self._compiled(a_re, a_im)
@@ -332,7 +362,7 @@ class CompletionTask:
         if len(self.triples["train"]) == 0:
             raise DataError(f"{root}: no training triples")
         model = build_snag(cfg.model, cfg.noise if cfg.noise.enabled else None, spec)
-        self.module = CompletionModule(model, self.ccfg, self.num_relations)
+        self.module = CompletionModule(model, self.ccfg, self.num_relations, self.num_entities)
         self.device = device or torch.device("cpu")
         self.module.graph = graph.to(self.device)
         train = self.triples["train"]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from snag_dist.engine.optim import build_optimizer, warmup_cosine
+from snag_dist.errors import ConfigError
 
 
 class _Toy(nn.Module):
@@ -58,3 +59,16 @@ def test_constant_schedule_holds_the_peak_after_warmup_and_cosine_reaches_zero()
     assert cos[-1][0] < 0.02 and all(a >= b for a, b in zip([r[0] for r in cos[4:]], [r[0] for r in cos[5:]]))
     # The schedule scales every group: the table's lr stays 4x the rest.
     assert all(row[1] == pytest.approx(4.0 * row[0]) for row in const + cos)
+
+
+def test_lr_scales_by_pattern_multiply_the_table_scale_and_reject_unused_patterns():
+    model = _Toy()
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, embedding_lr_scale=5.0,
+                          lr_scales={"proj.weight": 10.0, "proj.*": 3.0, "table.*": 2.0})
+    assert _lr_of(opt, model.proj.weight) == pytest.approx(1e-2)  # the first matching pattern wins
+    assert _lr_of(opt, model.proj.bias) == pytest.approx(3e-3)
+    assert _lr_of(opt, model.table.weight) == pytest.approx(1e-2)  # 5 x 2
+    assert _lr_of(opt, model.norm.weight) == pytest.approx(1e-3)
+    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
+    with pytest.raises(ConfigError, match="'fusion.\\*' matches no trainable parameter"):
+        build_optimizer(model, lr=1e-3, weight_decay=0.0, lr_scales={"fusion.*": 2.0})

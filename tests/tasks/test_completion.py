@@ -45,9 +45,15 @@ def complex_of(ent: torch.Tensor) -> torch.Tensor:
     return torch.complex(re.double(), im.double())
 
 
-def test_train_scores_match_the_complex_formula():
+def complex_distance(diff: torch.Tensor, norm: str) -> torch.Tensor:
+    """sum_d |diff_d| (l1) or sqrt(sum_d |diff_d|^2) (l2) over the last dimension."""
+    return diff.abs().sum(-1) if norm == "l1" else diff.abs().pow(2).sum(-1).sqrt()
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_train_scores_match_the_complex_formula(norm):
     torch.manual_seed(0)
-    rotate = RotatE(num_relations=3, dim=4, margin=6.0)
+    rotate = RotatE(num_relations=3, dim=4, margin=6.0, norm=norm)
     rotate.groups = 4  # more groups than the batch needs: padding must not change anything
     ent = torch.randn(7, 8)
     triples = torch.tensor([[0, 0, 1], [2, 1, 3], [4, 2, 5], [6, 0, 0], [1, 1, 2]])
@@ -60,10 +66,10 @@ def test_train_scores_match_the_complex_formula():
     phase = rotate.relation.detach().double() * math.pi / rotate.range
     rot = torch.polar(torch.ones_like(phase), phase)
     for i, (h, r, t) in enumerate(triples.tolist()):
-        assert pos[i].item() == pytest.approx(6.0 - (z[h] * rot[r] - z[t]).abs().sum().item(), abs=1e-4)
+        assert pos[i].item() == pytest.approx(6.0 - complex_distance(z[h] * rot[r] - z[t], norm).item(), abs=1e-4)
         for k, e in enumerate(negatives[i // 2].tolist()):
             corrupt = (z[e] * rot[r] - z[t]) if head_side[i] else (z[h] * rot[r] - z[e])
-            assert neg[i, k].item() == pytest.approx(6.0 - corrupt.abs().sum().item(), abs=1e-4)
+            assert neg[i, k].item() == pytest.approx(6.0 - complex_distance(corrupt, norm).item(), abs=1e-4)
     # Self negatives: one more column, the kept entity as the corruption ((t, r, t) or (h, r, h)).
     with_self = CompletionBatch(triples, head_side, negatives, torch.ones(5, 2, dtype=torch.bool), chunk=2,
                                 self_valid=torch.ones(5, dtype=torch.bool))
@@ -71,14 +77,14 @@ def test_train_scores_match_the_complex_formula():
     assert torch.equal(pos2, pos) and torch.equal(neg2, neg) and own.shape == (5,)
     for i, (h, r, t) in enumerate(triples.tolist()):
         kept = t if head_side[i] else h
-        distance = (z[kept] * rot[r] - z[kept]).abs().sum().item()
+        distance = complex_distance(z[kept] * rot[r] - z[kept], norm).item()
         assert own[i].item() == pytest.approx(6.0 - distance, abs=1e-4)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_ranking_scorer_matches_the_complex_formula(compiled):
+@pytest.mark.parametrize(("compiled", "norm"), [(False, "l1"), (True, "l1"), (False, "l2")])
+def test_ranking_scorer_matches_the_complex_formula(compiled, norm):
     torch.manual_seed(1)
-    rotate = RotatE(num_relations=2, dim=4, margin=12.0)
+    rotate = RotatE(num_relations=2, dim=4, margin=12.0, norm=norm)
     table = torch.randn(9, 8)
     scorer = RotatEScorer(rotate, table, compiled=compiled)
     anchor, rel = torch.tensor([0, 3, 8]), torch.tensor([1, 0, 1])
@@ -88,8 +94,8 @@ def test_ranking_scorer_matches_the_complex_formula(compiled):
     tails = scorer(anchor, rel, predict_head=False)
     heads = scorer(anchor, rel, predict_head=True)
     for i, (a, r) in enumerate(zip(anchor.tolist(), rel.tolist())):
-        want_t = 12.0 - (z[a] * rot[r] - z).abs().sum(-1)  # (a, r, e) for every e
-        want_h = 12.0 - (z * rot[r] - z[a]).abs().sum(-1)  # (e, r, a) for every e
+        want_t = 12.0 - complex_distance(z[a] * rot[r] - z, norm)  # (a, r, e) for every e
+        want_h = 12.0 - complex_distance(z * rot[r] - z[a], norm)  # (e, r, a) for every e
         assert torch.allclose(tails[i].double(), want_t, atol=1e-4)
         assert torch.allclose(heads[i].double(), want_h, atol=1e-4)
 
@@ -153,6 +159,28 @@ def test_readouts_and_gat_train_a_step(mini_shards, extra):
     assert torch.isfinite(losses["loss"])
     emb = module.model.encoders["structure"].embedding.weight
     assert emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+def test_entity_residual_starts_at_zero_and_learns_only_the_batch_rows(mini_shards):
+    plain = CompletionTask(small_cfg(mini_shards, "train.batch_size=256"))
+    torch.manual_seed(0)
+    task = CompletionTask(small_cfg(mini_shards, "train.batch_size=256", "task.completion.entity_residual=true"))
+    module = task.module
+    assert module.residual.weight.shape == (task.num_entities, 2 * module.rotate.dim)
+    ids = torch.arange(10)
+    module.residual.weight.data[3] = 1.0  # the table is added to the projected fused vector, row by row
+    with torch.no_grad():
+        base = module.projection(module.model(ids, {k: v[ids] for k, v in module.graph.features.items()},
+                                              module.graph.present[ids]).hidden_stack[:, 0])
+        got = module.entity_vectors(ids)
+    assert torch.allclose(got - base, module.residual.weight[ids]) and plain.module.residual is None
+    module.residual.weight.data.zero_()
+    task.on_epoch_start(0, module, None)
+    batch = next(iter(task.batches(0)))
+    module(batch)["loss"].backward()
+    touched = torch.unique(torch.cat([batch.triples[:, 0], batch.triples[:, 2], batch.negatives.flatten()]))
+    rows = module.residual.weight.grad.abs().sum(1) > 0
+    assert rows[touched].all() and rows.sum() == len(touched)
 
 
 def test_self_negative_modes_by_hand(mini_shards):
