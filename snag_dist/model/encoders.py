@@ -34,6 +34,9 @@ class ModalityEncoder(nn.Module):
     # True when outputs depend on neighbours (a GNN): it must see the whole given subgraph, and
     # outputs are selected afterwards; other encoders only run on the rows that are asked for.
     uses_graph: bool = False
+    # True when a graph encoder can compute just the rows asked for (forward's out_index): then it
+    # gets the output ids instead of being run on every row and selected afterwards.
+    selects_outputs: bool = False
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -79,17 +82,19 @@ class StructureEncoder(ModalityEncoder):
         # Reference init: N(0, 1/sqrt(num_entities)), small so the GAT starts near averaging.
         nn.init.normal_(self.embedding.weight, std=1.0 / math.sqrt(num_entities))
         self.gat = gat
-        self.uses_graph = gat is not None
+        self.uses_graph = self.selects_outputs = gat is not None
 
     def inputs(self, entity_ids: torch.Tensor, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.embedding(entity_ids)
 
-    def forward(self, x_EH: torch.Tensor, edge_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_EH: torch.Tensor, edge_index: torch.Tensor | None = None,
+                out_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(E, H), or (O, H) for the rows ``out_index`` (the GAT then runs on their receptive field)."""
         if self.gat is None:
-            return x_EH
+            return x_EH if out_index is None else x_EH[out_index]
         if edge_index is None:
             raise DataError("the GAT structure encoder needs edge_index (2, num_edges) in local ids")
-        return self.gat(x_EH, edge_index)
+        return self.gat(x_EH, edge_index, out_index=out_index)
 
 
 @ENCODERS.register("gat")

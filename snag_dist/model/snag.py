@@ -79,9 +79,10 @@ class MultiModalModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """(O, H) per modality: encoder inputs, GMNM (training only), encoder.
 
-        ``out_index`` (O,) selects the rows wanted as outputs (default: all E). Graph encoders still
-        run over all E given entities (their neighbourhood); the others only over the O rows — a
-        training step over a 3,500-pair batch then projects/fuses 7,000 entities, not the graph.
+        ``out_index`` (O,) selects the rows wanted as outputs (default: all E). Graph encoders see
+        all E given entities (their neighbourhood) and, if they can (`selects_outputs`), compute
+        only the O rows' receptive field; the others run only over the O rows — a training step
+        over a 3,500-pair batch then projects/fuses 7,000 entities, not the graph.
         """
         emb: dict[str, torch.Tensor] = {}
         out_ids = entity_ids if out_index is None else entity_ids[out_index]
@@ -92,6 +93,9 @@ class MultiModalModel(nn.Module):
                 x_ED = x_ED[out_index]
             if self.noise is not None:
                 x_ED = self.noise(name, x_ED, entity_ids if whole else out_ids)
+            if whole and out_index is not None and encoder.selects_outputs:
+                emb[name] = encoder(x_ED, edge_index, out_index=out_index)
+                continue
             h = encoder(x_ED, edge_index)
             emb[name] = h[out_index] if (out_index is not None and whole) else h
         sizes = {tuple(t.shape) for t in emb.values()}
