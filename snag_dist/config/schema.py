@@ -99,9 +99,11 @@ class CompletionConfig:
     corruption: Literal["bernoulli", "uniform"] = doc("bernoulli", "head-or-tail choice: Bernoulli rule or 50/50")
     negative_chunk: PosInt = doc(64, "positives sharing one draw of negatives (1 = own negatives per positive)")
     filter_negatives: bool = doc(True, "leave negatives that form a known training triple out of the loss")
-    self_negative: Literal["none", "adversarial", "pairwise"] = doc(
+    self_negative: Literal["none", "adversarial", "separate", "pairwise"] = doc(
         "adversarial", "the kept entity as a corruption ((h, r, h) for a new tail) unless that triple is known: "
-        "none, one more negative in the self-adversarial softmax, or a pairwise term (true above self)")
+        "none, one more negative in the self-adversarial softmax, its own -log sigmoid(-score) term beside "
+        "the K negatives, or a pairwise term (true above self)")
+    self_negative_weight: PosFloat = doc(1.0, "weight of the separate / pairwise self term in the loss")
     dedupe_valid: bool = doc(True, "select on validation triples that are not training triples (DB15K: 88% are)")
     kernel: Literal["auto", "compiled", "eager"] = doc("auto", "RotatE distance: torch.compile'd, eager, or by work size")
 

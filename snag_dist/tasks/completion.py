@@ -4,6 +4,9 @@ The entity vector is SNAG's fused output read out per `readout` ("graph": the st
 "mean": the mean of the present tokens), projected to 2*D reals (real and imaginary parts) by
 `projection_layers` layers; a relation is D phases. The same vector serves as head and tail:
     score(h, r, t) = margin - sum_d |h_d * r_d - t_d|          (complex modulus, |r_d| = 1)
+with `distance` "l1" (the RotatE paper and the reference), or margin - ||h o r - t||_2 with "l2" (PyKEEN's
+RotatE): then |a - n|^2 = |a|^2 + |n|^2 - 2 a.n turns negative scoring and ranking into matrix products.
+With `entity_residual`, a free per-entity vector (zero at the start) is added to the projected readout.
 Loss: RotatE's self-adversarial negative sampling, -log sigmoid(score) on positives and
 -sum_k w_k log sigmoid(-score_k) on negatives, w = softmax(adv_temperature * score) detached.
 
@@ -22,6 +25,8 @@ h = t). Uniform draws almost never pick it, and the fused vectors share a large 
 pulls relation phases towards 0: e * r then stays next to e, and the query entity itself ranked first
 (unfiltered) in 55-68 % of DB15K's test queries (H@1 far below H@3). "adversarial" adds it as the (K+1)-th negative
 of the self-adversarial softmax, where as the hardest negative it takes most of the weight;
+"separate" adds its own -log sigmoid(-score(self)) term beside the K negatives (weight
+`self_negative_weight`), so the query entity cannot take the softmax weight from the uniform ones;
 "pairwise" adds -log sigmoid(score(positive) - score(self)), which only asks the true entity to
 outrank the query entity.
 
@@ -279,11 +284,12 @@ class CompletionModule(nn.Module):
         if own is not None and self.ccfg.self_negative == "adversarial":
             neg, valid = torch.cat([neg, own[:, None]], 1), torch.cat([valid, batch.self_valid[:, None]], 1)
         losses = self_adversarial_loss(pos, neg, valid, self.ccfg.adv_temperature)
-        if own is not None and self.ccfg.self_negative == "pairwise":
+        if own is not None and self.ccfg.self_negative in ("separate", "pairwise"):
             keep = batch.self_valid.to(pos.dtype)
-            pairwise = -(F.logsigmoid(pos - own) * keep).sum() / keep.sum().clamp_min(1.0)
-            losses["loss"] = losses["loss"] + pairwise / 2
-            losses["self"] = pairwise.detach()
+            term = F.logsigmoid(pos - own) if self.ccfg.self_negative == "pairwise" else F.logsigmoid(-own)
+            term = -(term * keep).sum() / keep.sum().clamp_min(1.0)
+            losses["loss"] = losses["loss"] + self.ccfg.self_negative_weight * term / 2
+            losses["self"] = term.detach()
         return losses
 
     @torch.no_grad()

@@ -185,11 +185,13 @@ def test_entity_residual_starts_at_zero_and_learns_only_the_batch_rows(mini_shar
 
 def test_self_negative_modes_by_hand(mini_shards):
     """none: RotatE's loss; adversarial: the self score joins the softmax as one more negative;
-    pairwise: + mean over valid rows of -log sigmoid(pos - self), halved like the other terms."""
+    pairwise: + mean over valid rows of -log sigmoid(pos - self), halved like the other terms;
+    separate (weight 0.3): + 0.3 x mean over valid rows of -log sigmoid(-self), halved."""
     losses, common = {}, ("train.batch_size=256", "noise.enabled=false", "model.dropout=0")
     weights = CompletionTask(small_cfg(mini_shards, *common)).module.state_dict()
-    for mode in ("none", "adversarial", "pairwise"):
-        task = CompletionTask(small_cfg(mini_shards, *common, f"task.completion.self_negative={mode}"))
+    for mode in ("none", "adversarial", "pairwise", "separate"):
+        weight = ["task.completion.self_negative_weight=0.3"] if mode == "separate" else []
+        task = CompletionTask(small_cfg(mini_shards, *common, f"task.completion.self_negative={mode}", *weight))
         task.module.load_state_dict(weights)
         batch = next(iter(task.batches(0)))
         assert (batch.self_valid is None) == (mode == "none")
@@ -206,6 +208,8 @@ def test_self_negative_modes_by_hand(mini_shards):
     pairwise = -F.logsigmoid(pos - own)[keep].mean().item()
     assert losses["none"][0] == pytest.approx(base, rel=1e-5)
     assert losses["pairwise"][0] == pytest.approx(base + pairwise / 2, rel=1e-5)
+    separate = -F.logsigmoid(-own)[keep].mean().item()
+    assert losses["separate"][0] == pytest.approx(base + 0.3 * separate / 2, rel=1e-5)
     adv = self_adversarial_loss(pos, torch.cat([neg, own[:, None]], 1),
                                 torch.cat([batch.valid, keep[:, None]], 1), 2.0)["loss"].item()
     assert losses["adversarial"][0] == pytest.approx(adv, rel=1e-5) and adv != pytest.approx(base)
