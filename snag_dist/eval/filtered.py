@@ -29,6 +29,7 @@ relations, S distinct (anchor, relation) keys, T known triples.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ import torch
 from torch import Tensor
 
 from snag_dist.eval.ranking import QueryShard, RankMetrics, Ties, rank_stats
+
+_EXACT_FLOAT_SUM = 2**24  # float32 sums of +-1 / 0 stay exact over fewer columns than this
 
 COMPLETION_HITS: tuple[int, ...] = (1, 3, 10)
 DIRECTIONS: tuple[str, ...] = ("head", "tail")
@@ -131,12 +134,24 @@ def chunk_ranks(scores_cN: Tensor, target_c: Tensor, rows: Tensor, cols: Tensor,
     gold_c1 = scores_cN.gather(1, target[:, None]).clone()
     if torch.isnan(gold_c1).any():
         raise ValueError("score function returned NaN for a target entity")
+    n = scores_cN.shape[1]
+    if ties == "realistic" and n < _EXACT_FLOAT_SUM and bool(torch.isfinite(gold_c1).all()):
+        # One in-place pass: with the filtered entries at -inf, sign(s - gold) is +1 / 0 / -1 for
+        # greater / equal / less, so greater + equal / 2 = (sum of signs + N) / 2. The float32 sum
+        # of +-1 and 0 is exact below 2^24 columns.
+        scores_cN[rows.to(scores_cN.device), cols.to(scores_cN.device)] = -math.inf
+        scores_cN[torch.arange(len(target), device=scores_cN.device), target] = -math.inf
+        if bool(torch.isnan(scores_cN).any()):  # sign(NaN) is 0: it would count as a tie
+            raise ValueError("score function returned NaN for a candidate entity")
+        signs = scores_cN.sub_(gold_c1).sign_().sum(1)
+        return 1.0 + 0.5 * (signs.to(torch.float64) + n)
     scores_cN[rows.to(scores_cN.device), cols.to(scores_cN.device)] = float("nan")
     scores_cN[torch.arange(len(target), device=scores_cN.device), target] = float("nan")
-    greater = (scores_cN > gold_c1).sum(1, dtype=torch.float64)
+    # count_nonzero over the bool block: no float64 copy of the (c, N) comparison
+    greater = torch.count_nonzero(scores_cN > gold_c1, dim=1).to(torch.float64)
     if ties == "optimistic":
         return 1.0 + greater
-    equal = (scores_cN == gold_c1).sum(1, dtype=torch.float64)
+    equal = torch.count_nonzero(scores_cN == gold_c1, dim=1).to(torch.float64)
     return 1.0 + greater + (equal if ties == "pessimistic" else 0.5 * equal)
 
 

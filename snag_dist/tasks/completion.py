@@ -310,6 +310,7 @@ class RotatEScorer:
         self.rotate, self.table = rotate, table_N2D
         self.e_re, self.e_im = (x.contiguous()[None] for x in table_N2D.chunk(2, dim=-1))  # (1, N, D)
         self.kernel = DistanceKernel(compiled)
+        self.sq_norms: torch.Tensor | None = None  # |e|^2 per entity, for the l2 distance
 
     @torch.no_grad()
     def __call__(self, anchor_c: torch.Tensor, rel_c: torch.Tensor, predict_head: bool) -> torch.Tensor:
@@ -317,13 +318,21 @@ class RotatEScorer:
         a_re, a_im = self.rotate.anchor(self.table[anchor_c.to(dev)], rel_c.to(dev), predict_head)
         a_re, a_im = a_re.float().contiguous(), a_im.float().contiguous()
         if self.rotate.norm == "l2":
-            return self.rotate.margin - l2_distance(torch.cat([a_re, a_im], -1), self.table)
+            return self._l2(torch.cat([a_re, a_im], -1))
         if self.kernel.compiled:
             try:
                 return self.rotate.margin - self._compiled(a_re, a_im)
             except Exception as exc:  # no C++ compiler, unsupported device, ...: eager is exact too
                 self.kernel.disable(exc)
         return self.rotate.margin - self._eager(a_re, a_im)
+
+    def _l2(self, a_2D: torch.Tensor) -> torch.Tensor:
+        """margin - ||a - e||_2 for every entity e: one product, then in-place passes over the block."""
+        if self.sq_norms is None:
+            self.sq_norms = (self.table * self.table).sum(-1)
+        out = torch.addmm(self.sq_norms[None].expand(a_2D.shape[0], -1), a_2D, self.table.T, alpha=-2.0)
+        out.add_((a_2D * a_2D).sum(-1, keepdim=True)).clamp_min_(0.0).add_(_EPS).sqrt_()
+        return out.neg_().add_(self.rotate.margin)
 
     def _compiled(self, a_re: torch.Tensor, a_im: torch.Tensor) -> torch.Tensor:
         """Fixed-size blocks of queries (the last one padded): one compilation per entity table."""

@@ -185,3 +185,23 @@ def test_known_triples_rejects_bad_ids():
 def test_score_shape_is_checked():
     with pytest.raises(ValueError, match="shape"):
         filtered_ranks(lambda a, r, h: torch.zeros(len(a), 4), torch.tensor(TEST), hand_known(), 2)
+
+
+def test_one_pass_realistic_ranks_equal_the_two_count_path():
+    """The realistic one-pass sign sum equals greater + equal / 2 counted the slow way (ties, filtered
+    entries, +-inf scores), and a NaN candidate score is an error there."""
+    g = torch.Generator().manual_seed(3)
+    scores = (torch.randn(50, 200, generator=g) * 2).round()
+    scores[0, 5], scores[1, 7] = float("inf"), -float("inf")
+    target = torch.randint(0, 200, (50,), generator=g)
+    rows, cols = torch.randint(0, 50, (300,), generator=g), torch.randint(0, 200, (300,), generator=g)
+    keep = cols != target[rows]
+    rows, cols = rows[keep], cols[keep]
+    fast = chunk_ranks(scores.clone(), target, rows, cols, "realistic")
+    slow = chunk_ranks(scores.clone(), target, rows, cols, "optimistic") + 0.5 * (
+        chunk_ranks(scores.clone(), target, rows, cols, "pessimistic") - chunk_ranks(scores.clone(), target, rows, cols, "optimistic"))
+    assert torch.equal(fast, slow)
+    bad = scores.clone()
+    bad[3, (target[3] + 1) % 200] = float("nan")
+    with pytest.raises(ValueError, match="NaN for a candidate"):
+        chunk_ranks(bad, target, rows[rows != 3], cols[rows != 3], "realistic")

@@ -127,6 +127,8 @@ def test_receptive_field_equals_the_whole_graph_then_selecting(layers):
     for full, part in zip(*grads):
         assert torch.allclose(full, part, atol=1e-6)
     assert grads[1][1].abs().sum(1).ne(0).sum() < n  # rows outside the receptive field get no gradient
+    many = torch.arange(n).flip(0)  # above restrict_below: the whole graph, then selected
+    assert torch.allclose(gat(x, edge_index, out_index=many), gat(x, edge_index)[many])
 
 
 def test_rectangular_block_aggregation_gradcheck():
