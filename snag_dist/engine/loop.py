@@ -123,6 +123,9 @@ class Trainer:
         # Loss sums of a part-trained epoch differ per rank (each logs its share): keep their mean,
         # which is what the epoch's record (a mean over ranks) needs from every rank on resume.
         fit = {**self.state.__dict__, "sums": {k: self.backend.reduce_mean(v) for k, v in self.state.sums.items()}}
+        # ... and every rank's own sums, so a resume on as many ranks continues them bit for bit.
+        fit["rank_sums"] = {k: self.backend.gather(torch.tensor([v], dtype=torch.float64, device=self.backend.device)
+                                                   ).cpu().tolist() for k, v in self.state.sums.items()}
         state = {"fit": fit, "scheduler": self.scheduler.state_dict(),
                  "scaler": self.backend.scaler_state(self.optimizer)}
         optim = self.optimizer.state_dict() if with_optim and not shards else None
@@ -138,7 +141,10 @@ class Trainer:
         if path is None:
             return False
         model, optim, state = load_checkpoint(path)
+        rank_sums = state["fit"].pop("rank_sums", None) or {}
         self.state = FitState(**state["fit"])
+        if rank_sums and all(len(v) == self.backend.world_size for v in rank_sums.values()):
+            self.state.sums = {k: v[self.backend.rank] for k, v in rank_sums.items()}
         if self.state.phase >= len(self.phases):
             return True  # the run had finished: nothing left to train
         self.logger.rewind(self.state.epoch)
