@@ -4,8 +4,8 @@
 ``joint_attention`` (N, M*H) per-entity attention-weighted joint, ``modality.<m>`` (N, H) per
 modality, ``modality_weights`` (N, M), ``entity_ids`` (N,), ``kg`` (N,). A completion run also
 writes what its RotatE scorer ranks with: ``rotate.entity`` (N, 2D) (real parts, then imaginary)
-and ``rotate.relation_phase`` (R, D) radians; score(h, r, t) = margin - sum_d |h_d e^{i phase_d} - t_d|,
-margin in the JSON.
+and ``rotate.relation_phase`` (R, D) radians; score(h, r, t) = margin - sum_d |h_d e^{i phase_d} - t_d|
+(distance "l1") or margin - ||h o e^{i phase} - t||_2 ("l2"); margin and distance in the JSON.
 ``OUT/embeddings.json``: modality order, shapes, the run and its config. Load with
 ``safetensors.numpy.load_file`` — no snag_dist needed.
 """
@@ -67,8 +67,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best
         meta = {"modalities": task.module.model.modalities, "shapes": {k: list(v.shape) for k, v in tensors.items()},
                 "run": str(run_dir.resolve()), "checkpoint": checkpoint, "config": to_dict(cfg)}
         if rotate is not None:
-            meta["rotate"] = {"margin": rotate.margin, "dim": rotate.dim,
-                              "score": "margin - sum_d |h_d * exp(i * phase_d) - t_d|, entity = [re, im]"}
+            score = ("margin - sum_d |h_d * exp(i * phase_d) - t_d|" if rotate.norm == "l1"
+                     else "margin - sqrt(sum_d |h_d * exp(i * phase_d) - t_d|^2)")
+            meta["rotate"] = {"margin": rotate.margin, "dim": rotate.dim, "distance": rotate.norm,
+                              "score": f"{score}, entity = [re, im]"}
         (tmp / "embeddings.json").write_text(json.dumps(meta, indent=1))
         if out.exists():
             out.rmdir()

@@ -187,7 +187,8 @@ def test_self_negative_modes_by_hand(mini_shards):
     """none: RotatE's loss; adversarial: the self score joins the softmax as one more negative;
     pairwise: + mean over valid rows of -log sigmoid(pos - self), halved like the other terms;
     separate (weight 0.3): + 0.3 x mean over valid rows of -log sigmoid(-self), halved."""
-    losses, common = {}, ("train.batch_size=256", "noise.enabled=false", "model.dropout=0")
+    losses, common = {}, ("train.batch_size=256", "noise.enabled=false", "model.dropout=0",
+                          "task.completion.self_negative_weight=1.0")
     weights = CompletionTask(small_cfg(mini_shards, *common)).module.state_dict()
     for mode in ("none", "adversarial", "pairwise", "separate"):
         weight = ["task.completion.self_negative_weight=0.3"] if mode == "separate" else []
@@ -268,14 +269,15 @@ def _check_export(run, out, test_metrics):
 
     export_run(run, out)
     tensors = load_file(str(out / "embeddings.safetensors"))
-    margin = json.loads((out / "embeddings.json").read_text())["rotate"]["margin"]
+    meta = json.loads((out / "embeddings.json").read_text())["rotate"]
+    margin, norm = meta["margin"], meta["distance"]
     z = complex_of(torch.from_numpy(tensors["rotate.entity"]))
     phase = torch.from_numpy(tensors["rotate.relation_phase"]).double()
     rot = torch.polar(torch.ones_like(phase), phase)
 
     def score(anchor, rel, predict_head):
         r = rot[rel].conj() if predict_head else rot[rel]
-        return margin - (z[anchor][:, None] * r[:, None] - z[None]).abs().sum(-1)
+        return margin - complex_distance(z[anchor][:, None] * r[:, None] - z[None], norm)
 
     task = CompletionTask(load_config(str(run / "config.yaml")))
     stats = filtered_rank_stats(score, task.triples["test"], task.known, 512, "realistic")
