@@ -135,18 +135,19 @@ def chunk_ranks(scores_cN: Tensor, target_c: Tensor, rows: Tensor, cols: Tensor,
     if torch.isnan(gold_c1).any():
         raise ValueError("score function returned NaN for a target entity")
     n = scores_cN.shape[1]
-    if ties == "realistic" and n < _EXACT_FLOAT_SUM and bool(torch.isfinite(gold_c1).all()):
-        # One in-place pass: with the filtered entries at -inf, sign(s - gold) is +1 / 0 / -1 for
-        # greater / equal / less, so greater + equal / 2 = (sum of signs + N) / 2. The float32 sum
-        # of +-1 and 0 is exact below 2^24 columns.
-        scores_cN[rows.to(scores_cN.device), cols.to(scores_cN.device)] = -math.inf
-        scores_cN[torch.arange(len(target), device=scores_cN.device), target] = -math.inf
+    # Realistic ties in one in-place pass: with the filtered entries at -inf, sign(s - gold) is
+    # +1 / 0 / -1 for greater / equal / less, so greater + equal / 2 = (sum of signs + N) / 2 (the
+    # float32 sum of +-1 and 0 is exact below 2^24 columns). Otherwise filtered entries are NaN,
+    # which no comparison counts.
+    one_pass = ties == "realistic" and n < _EXACT_FLOAT_SUM and bool(torch.isfinite(gold_c1).all())
+    fill = -math.inf if one_pass else math.nan
+    scores_cN[rows.to(scores_cN.device), cols.to(scores_cN.device)] = fill
+    scores_cN[torch.arange(len(target), device=scores_cN.device), target] = fill
+    if one_pass:
         if bool(torch.isnan(scores_cN).any()):  # sign(NaN) is 0: it would count as a tie
             raise ValueError("score function returned NaN for a candidate entity")
         signs = scores_cN.sub_(gold_c1).sign_().sum(1)
         return 1.0 + 0.5 * (signs.to(torch.float64) + n)
-    scores_cN[rows.to(scores_cN.device), cols.to(scores_cN.device)] = float("nan")
-    scores_cN[torch.arange(len(target), device=scores_cN.device), target] = float("nan")
     # count_nonzero over the bool block: no float64 copy of the (c, N) comparison
     greater = torch.count_nonzero(scores_cN > gold_c1, dim=1).to(torch.float64)
     if ties == "optimistic":

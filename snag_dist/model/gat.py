@@ -279,11 +279,10 @@ class GAT(nn.Module):
         need 9K of the 40K first-layer rows, and any step's last layer only the batch's rows.
         """
         edges = self._edges(edge_index.to(x_NH.device), x_NH.shape[0])
-        if out_index is not None and out_index.numel() > self.restrict_below * x_NH.shape[0]:
-            return self.forward(x_NH, edge_index)[out_index]  # the receptive field is ~the graph anyway
-        if out_index is None:
-            plan, h = [edges] * len(self.layers), x_NH
-        else:
+        # Restrict only for a small share of the nodes: beyond it the receptive field is ~the graph.
+        restrict = out_index is not None and out_index.numel() <= self.restrict_below * x_NH.shape[0]
+        plan, h = [edges] * len(self.layers), x_NH
+        if restrict:
             wanted, where = torch.unique(out_index, return_inverse=True)
             plan, rows = [], wanted
             for _ in self.layers:
@@ -295,4 +294,6 @@ class GAT(nn.Module):
             h = layer(h, layer_edges, self._scratch)
             if i + 1 < len(self.layers):
                 h = F.elu(h)
-        return h if out_index is None else h[where]  # the last layer's rows are `wanted`
+        if out_index is None:
+            return h
+        return h[where] if restrict else h[out_index]  # restricted: the last layer's rows are `wanted`

@@ -226,7 +226,7 @@ def head_probability(train_T3: torch.Tensor, num_relations: int) -> torch.Tensor
 class CompletionModule(nn.Module):
     """SNAG + readout projection + RotatE. ``forward(batch) -> losses``."""
 
-    def __init__(self, model: SNAG, ccfg: CompletionConfig, num_relations: int, num_entities: int = 0) -> None:
+    def __init__(self, model: SNAG, ccfg: CompletionConfig, num_relations: int) -> None:
         super().__init__()
         hidden = model.cfg.hidden
         dim = ccfg.dim or hidden // 2
@@ -247,9 +247,7 @@ class CompletionModule(nn.Module):
         # Optional free per-entity correction on top of the fused vector (starts at 0: pure SNAG).
         self.residual: nn.Embedding | None = None
         if ccfg.entity_residual:
-            if num_entities <= 0:
-                raise ConfigError("task.completion.entity_residual needs the number of entities")
-            self.residual = nn.Embedding(num_entities, 2 * dim)
+            self.residual = nn.Embedding(model.spec.num_entities, 2 * dim)
             nn.init.zeros_(self.residual.weight)
         self.graph: GraphData | None = None  # set by the task; plain attribute, never broadcast
         self.last_weights: torch.Tensor | None = None
@@ -310,7 +308,8 @@ class RotatEScorer:
         self.rotate, self.table = rotate, table_N2D
         self.e_re, self.e_im = (x.contiguous()[None] for x in table_N2D.chunk(2, dim=-1))  # (1, N, D)
         self.kernel = DistanceKernel(compiled)
-        self.sq_norms: torch.Tensor | None = None  # |e|^2 per entity, for the l2 distance
+        # |e|^2 per entity: the l2 distance is |a|^2 + |e|^2 - 2 a.e
+        self.sq_norms = (table_N2D * table_N2D).sum(-1) if rotate.norm == "l2" else None
 
     @torch.no_grad()
     def __call__(self, anchor_c: torch.Tensor, rel_c: torch.Tensor, predict_head: bool) -> torch.Tensor:
@@ -328,8 +327,6 @@ class RotatEScorer:
 
     def _l2(self, a_2D: torch.Tensor) -> torch.Tensor:
         """margin - ||a - e||_2 for every entity e: one product, then in-place passes over the block."""
-        if self.sq_norms is None:
-            self.sq_norms = (self.table * self.table).sum(-1)
         out = torch.addmm(self.sq_norms[None].expand(a_2D.shape[0], -1), a_2D, self.table.T, alpha=-2.0)
         out.add_((a_2D * a_2D).sum(-1, keepdim=True)).clamp_min_(0.0).add_(_EPS).sqrt_()
         return out.neg_().add_(self.rotate.margin)
@@ -377,7 +374,7 @@ class CompletionTask:
         if len(self.triples["train"]) == 0:
             raise DataError(f"{root}: no training triples")
         model = build_snag(cfg.model, cfg.noise if cfg.noise.enabled else None, spec)
-        self.module = CompletionModule(model, self.ccfg, self.num_relations, self.num_entities)
+        self.module = CompletionModule(model, self.ccfg, self.num_relations)
         self.device = device or torch.device("cpu")
         self.module.graph = graph.to(self.device)
         train = self.triples["train"]

@@ -85,10 +85,10 @@ def _open_safetensors(path: Path, name: str, num_entities: int) -> FeatureSource
 
 
 def _open_pickle(path: Path, name: str, num_entities: int, allow_pickle: bool) -> FeatureSource:
-    with open(path, "rb") as fh:
-        if not allow_pickle:  # unpickling can run code: only on the user's explicit --allow-pickle
-            raise DataError(f"{path}: pickle input refused (it can run code); pass --allow-pickle if you trust it")
-        data = pickle.load(fh)
+    if allow_pickle:  # unpickling can run code: only on the user's explicit --allow-pickle
+        data = pickle.loads(path.read_bytes())
+    else:
+        raise DataError(f"{path}: pickle input refused (it can run code); pass --allow-pickle if you trust it")
     if not isinstance(data, dict) or not data:
         raise DataError(f"{path}: expected a non-empty {{entity_id: vector}} dict")
     dim = len(next(iter(data.values())))
