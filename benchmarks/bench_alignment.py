@@ -34,6 +34,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "DBP15K"
 
@@ -93,21 +96,36 @@ def run_variant(pair: str, variant: str, epochs: int, iterative_start: int, eval
     return collect(run, variant)
 
 
+def pseudo_precision(run: Path) -> str:
+    """Pseudo links in the last checkpoint and the share of them that are held-out gold links."""
+    from snag_dist.data.stream import read_all_rows
+    from snag_dist.engine.checkpoint import load_task_state
+    from snag_dist.tasks.alignment import pseudo_link_precision
+
+    ckpts = sorted((run / "checkpoints").glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
+    pseudo = load_task_state(ckpts[-1]).get("pseudo") if ckpts else None
+    if pseudo is None or len(pseudo) == 0:
+        return "-"
+    shards = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["shards"])
+    gold = torch.from_numpy(read_all_rows(shards, "links/test"))
+    return f"{len(pseudo):,} ({pseudo_link_precision(pseudo, gold):.3f})"
+
+
 def collect(run: Path, variant: str) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     secs = [json.loads(x)["seconds"] for x in (run / "train.jsonl").read_text().splitlines()]
     return {"variant": variant, "test": summary["test"], "sec_per_epoch": statistics.median(secs),
-            "best_epoch": summary["best_epoch"], "run": str(run.relative_to(REPO))}
+            "best_epoch": summary["best_epoch"], "run": str(run.relative_to(REPO)), "pseudo": pseudo_precision(run)}
 
 
 def table(pair: str, rows: list[dict]) -> str:
-    lines = ["| variant | modalities / setting | phase | H@1 | H@10 | MRR | best epoch (valid) | s/epoch (median) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | modalities / setting | phase | H@1 | H@10 | MRR | best epoch (valid) | s/epoch (median) "
+             "| pseudo links at the end (precision vs test links) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         setting = ", ".join(VARIANTS[r["variant"]][0])
         for phase, m in r["test"].items():
             lines.append(f"| {r['variant']} | {setting} | {phase} | {m['hits@1']:.4f} | {m['hits@10']:.4f} | "
-                         f"{m['mrr']:.4f} | {m['best_epoch']} | {r['sec_per_epoch']:.2f} |")
+                         f"{m['mrr']:.4f} | {m['best_epoch']} | {r['sec_per_epoch']:.2f} | {r['pseudo']} |")
     return "\n".join(lines)
 
 

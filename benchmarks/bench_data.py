@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import resource
@@ -44,7 +45,6 @@ import numpy as np
 from snag_dist.data.manifest import load_manifest
 from snag_dist.data.store import FeatureStore
 from snag_dist.data.stream import EntityStream, RowStream, StreamConfig, make_loader
-from snag_dist.data.synth import SynthOptions, synth
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MB = 1e6
@@ -81,14 +81,24 @@ def median_of(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
 def run_prepare(src: Path, out: Path) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of one ``snag-dist prepare`` child process."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "snag_dist", "prepare", str(src), str(out), "--quiet"]
+    return run_child([sys.executable, "-m", "snag_dist", "prepare", str(src), str(out), "--quiet"])
+
+
+def run_synth(src: Path, n: int, triples: int, seed: int) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one ``snag-dist synth`` child process (features are streamed)."""
+    shutil.rmtree(src, ignore_errors=True)
+    return run_child([sys.executable, "-m", "snag_dist", "synth", str(src), "--entities", str(n),
+                      "--triples", str(triples), "--seed", str(seed), "--quiet"])
+
+
+def run_child(cmd: list[str]) -> tuple[float, int]:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage, not every child's maximum
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise SystemExit(f"prepare failed (exit {proc.returncode}): {' '.join(cmd)}")
+        raise SystemExit(f"{cmd[3]} failed (exit {proc.returncode}): {' '.join(cmd)}")
     return wall, usage.ru_maxrss * 1024  # Linux: kilobytes
 
 
@@ -141,10 +151,10 @@ def bench_size(n: int, args: argparse.Namespace) -> list[tuple[str, str, str]]:
     if args.reuse and (src / "synth.json").is_file():
         rows.append(("synth", "reused", f"{src}"))
     else:
-        shutil.rmtree(src, ignore_errors=True)
-        start = time.perf_counter()
-        counts = synth(src, SynthOptions(entities=n, triples=triples, seed=args.seed))
-        rows.append(("synth", f"{time.perf_counter() - start:.1f} s", f"{counts['triples']:,} triples"))
+        wall, rss = run_synth(src, n, triples, args.seed)
+        counts = json.loads((src / "synth.json").read_text())["counts"]
+        rows += [("synth", f"{wall:.1f} s", f"{counts['triples']:,} triples"),
+                 ("synth peak RSS", f"{rss / GIB:.2f} GiB", f"{'meets' if rss <= RSS_TARGET else 'MISSES'} <= 2 GiB")]
     runs = [run_prepare(src, out) for _ in range(args.repeats)]
     wall, rss = statistics.median(r[0] for r in runs), max(r[1] for r in runs)
     ent_bytes, tri_bytes = group_bytes(out, "entities"), group_bytes(out, "triples/train")

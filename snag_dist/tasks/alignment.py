@@ -200,6 +200,9 @@ class AlignmentTask:
         metrics = RankMetrics.from_stats(l2r).as_dict()
         metrics.update(RankMetrics.from_stats(r2l).as_dict("r2l/"))
         metrics["pseudo_links"] = float(len(self.pseudo))
+        if len(self.pseudo) and len(self.links["test"]):
+            # Report only: the share of pseudo links that are held-out gold links (never used in training).
+            metrics["pseudo_precision"] = pseudo_link_precision(self.pseudo, self.links["test"])
         return metrics
 
     def epoch_stats(self, module: AlignmentModule) -> dict[str, object]:

@@ -101,8 +101,13 @@ def test_iterative_phase_lr_follows_pseudo_links_and_resumes_exactly(sample_shar
     train(cfg, full, progress=False)
     records = [json.loads(x) for x in (full / "train.jsonl").read_text().splitlines()]
     it = [r for r in records if r["phase"] == "iterative"]
-    pseudo = [json.loads(x)["pseudo_links"] for x in (full / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    pseudo = [m["pseudo_links"] for m in evals]
     assert max(pseudo) > 64  # enough pseudo links to add steps per epoch
+    # Reported precision of the pseudo links against the held-out links: far above chance (1 / #entities).
+    precision = [m["pseudo_precision"] for m in evals if m["pseudo_links"] > 0]
+    assert precision and all(0.5 < p <= 1.0 for p in precision)
+    assert all("pseudo_precision" not in m for m in evals if m["pseudo_links"] == 0)
     assert all(r["lr"] > 0 for r in it[:-1]) and it[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert all(a["lr"] >= b["lr"] for a, b in zip(it[1:], it[2:]))  # decays, never restarts
     part = tmp_path / "part"

@@ -373,3 +373,13 @@ def test_losses_run_in_fp32_under_bf16_autocast(rows):
         got = run()
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and torch.allclose(g, w, atol=1e-4)
+
+
+def test_pseudo_link_precision_by_hand():
+    from snag_dist.tasks.alignment import pseudo_link_precision
+
+    gold = torch.tensor([[0, 10], [1, 11], [2, 12], [3, 13]])
+    pseudo = torch.tensor([[0, 10], [1, 12], [2, 12], [5, 15], [3, 13]])  # 3 of 5 are gold pairs
+    assert pseudo_link_precision(pseudo, gold) == 3 / 5
+    assert pseudo_link_precision(pseudo[:, [1, 0]], gold) == 0.0  # direction matters: (left, right)
+    assert math.isnan(pseudo_link_precision(torch.zeros(0, 2, dtype=torch.long), gold))
