@@ -80,7 +80,7 @@ class AlignmentConfig:
     iterative: bool = doc(False, "iterative training with mutual-nearest-neighbour pseudo links")
     iterative_start: NonNegInt = doc(500, "epoch at which iterative training starts")
     mnn_every: PosInt = doc(5, "epochs between mutual-nearest-neighbour refreshes")
-    pseudo_every: PosInt = doc(50, "epochs between adding pseudo links")
+    pseudo_every: PosInt = doc(50, "epochs between adding pseudo links (the first after this many iterative epochs)")
     iterative_lr_div: PosFloat = doc(5.0, "lr divisor when iterative training starts")
 
 

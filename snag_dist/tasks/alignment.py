@@ -158,9 +158,12 @@ class AlignmentTask:
         if phase.name != "iterative":
             return
         a = self.acfg
-        if epoch % a.mnn_every == 0:
+        into = epoch - a.iterative_start  # epochs into the iterative phase
+        if into % a.mnn_every == 0:
             self._refresh_candidates(module)
-        if epoch % a.pseudo_every == 0 and len(self._candidates):
+        # The first links are added pseudo_every epochs in, so they have stayed mutual over several refreshes
+        # (as in the reference), not one round taken at the phase start.
+        if into > 0 and into % a.pseudo_every == 0 and len(self._candidates):
             self.pseudo = torch.cat([self.pseudo, self._candidates]).unique(dim=0)
             self._candidates = torch.zeros(0, 2, dtype=torch.long)
 

@@ -104,6 +104,8 @@ def test_iterative_phase_lr_follows_pseudo_links_and_resumes_exactly(sample_shar
     evals = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     pseudo = [m["pseudo_links"] for m in evals]
     assert max(pseudo) > 64  # enough pseudo links to add steps per epoch
+    # The first links come pseudo_every (2) epochs into the iterative phase (start 3), not at its start.
+    assert min(m["epoch"] for m in evals if m["pseudo_links"] > 0) == 5
     # Reported precision of the pseudo links against the held-out links: far above chance (1 / #entities).
     precision = [m["pseudo_precision"] for m in evals if m["pseudo_links"] > 0]
     assert precision and all(0.5 < p <= 1.0 for p in precision)
