@@ -10,7 +10,7 @@ import torch
 
 from snag_dist.config import Config, load_config, save_config
 from snag_dist.engine.backend import build_backend
-from snag_dist.engine.checkpoint import load_checkpoint
+from snag_dist.engine.checkpoint import load_checkpoint, load_task_state
 from snag_dist.engine.dist import Collectives
 from snag_dist.engine.loop import Trainer
 from snag_dist.engine.memory import keep_freed_memory
@@ -57,7 +57,10 @@ def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = load_config(str(run_dir / "config.yaml"), overrides)
-    model_state, _, _ = load_checkpoint(run_dir / "checkpoints" / "best")
+    best = run_dir / "checkpoints" / "best"
+    model_state, _, _ = load_checkpoint(best)
     task = TASKS.get(cfg.task.name)(cfg, 0, 1, torch.device("cpu"))
     task.module.load_state_dict(model_state)
+    if hasattr(task, "load_state_dict"):  # e.g. the pseudo links the best epoch trained with
+        task.load_state_dict(load_task_state(best))
     return {s: task.evaluate(task.module, s) for s in splits}

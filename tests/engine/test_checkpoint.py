@@ -17,7 +17,7 @@ from snag_dist.engine.checkpoint import (
     save_checkpoint,
     unflatten_optimizer,
 )
-from snag_dist.engine.run import train
+from snag_dist.engine.run import evaluate_run, train
 from snag_dist.errors import CheckpointError
 from tests.tasks.test_alignment_task import sample_shards  # noqa: F401  (module-scoped fixture)
 
@@ -106,6 +106,12 @@ def test_iterative_phase_lr_follows_pseudo_links_and_resumes_exactly(sample_shar
     assert max(pseudo) > 64  # enough pseudo links to add steps per epoch
     # The first links come pseudo_every (2) epochs into the iterative phase (start 3), not at its start.
     assert min(m["epoch"] for m in evals if m["pseudo_links"] > 0) == 5
+    # `snag-dist eval` restores the best checkpoint's task state: its pseudo links, as logged at that epoch.
+    best = next(m["best_epoch"] for m in evals if m["split"] == "test" and m["phase"] == "iterative")
+    logged = next(m for m in evals if m["split"] == "valid" and m["epoch"] == best)
+    again = evaluate_run(full, ("test",))["test"]
+    assert again["pseudo_links"] == logged["pseudo_links"]
+    assert again.get("pseudo_precision") == logged.get("pseudo_precision")
     # Reported precision of the pseudo links against the held-out links: far above chance (1 / #entities).
     precision = [m["pseudo_precision"] for m in evals if m["pseudo_links"] > 0]
     assert precision and all(0.5 < p <= 1.0 for p in precision)
