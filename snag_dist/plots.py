@@ -43,11 +43,38 @@ def plot_run(run_dir: Path) -> list[Path]:
     return written
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Lay out, write (PNG, 110 dpi) and close a matplotlib figure."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def plot_compare(runs: dict[str, Path], out: Path, key: str = "hits@1", split: str = "valid") -> Path:
+    """One panel of ``key`` over epochs for several runs (label -> run folder), from their metrics.jsonl.
+    A run without that split/key is an error naming it, so a typo cannot give an empty plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, run_dir in runs.items():
+        rows = [r for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if r.get("split") == split and key in r]
+        if not rows:
+            plt.close(fig)
+            raise ValueError(f"{run_dir}/metrics.jsonl: no {split!r} rows with {key!r}")
+        ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], label=label)
+    ax.set(xlabel="epoch", ylabel=f"{split} {key}", title=f"{split} {key} over epochs")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 110 dpi, temp file + rename) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110, format="png")
+        tmp.replace(path)  # a reader never sees a half-written PNG
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
