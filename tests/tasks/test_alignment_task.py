@@ -72,3 +72,23 @@ def test_names_help_and_modality_can_be_dropped(sample_shards, tmp_path):
                        tmp_path / "b", progress=False)["test"]["base"]
     assert with_names["hits@1"] > 0.5
     assert names_only["hits@1"] > 0.3
+
+
+def test_reference_lr_for_uncertainty_weights_is_one_config_line(sample_shards):
+    """The reference trains its uncertainty weights at 5x lr: `train.lr_scales` reaches both log_var vectors."""
+    from snag_dist.engine.optim import build_optimizer
+    from snag_dist.tasks.alignment import AlignmentTask
+
+    cfg = load_config("quickstart", [f"data.shards={sample_shards}", "model.modalities=[structure,relation]",
+                                     "train.lr=1e-3", 'train.lr_scales={"*log_var*": 5.0}'])
+    module = AlignmentTask(cfg).module
+    opt = build_optimizer(module, cfg.train.lr, cfg.train.weight_decay, cfg.train.embedding_lr_scale,
+                          cfg.train.lr_scales)
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    log_vars = [(n, p) for n, p in module.named_parameters() if "log_var" in n]
+    assert len(log_vars) == 2, [n for n, _ in log_vars]  # ECIA and IIR
+    for name, p in log_vars:
+        assert group_of[id(p)]["lr"] == pytest.approx(5e-3), name
+        assert group_of[id(p)]["weight_decay"] == 0.0, name
+    fusion = next(p for n, p in module.named_parameters() if "fusion" in n and n.endswith("weight"))
+    assert group_of[id(fusion)]["lr"] == pytest.approx(1e-3)
