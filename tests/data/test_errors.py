@@ -54,14 +54,15 @@ def test_stream_of_truncated_shard_names_it(align_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "id_out_of_range", "wrong_dim", "wrong_dtype",
-                                  "empty_split", "bad_relation", "bad_line", "pickle_refused"])
+                                  "empty_split", "bad_relation", "bad_line", "pickle_refused",
+                                  "pickle_corrupt"])
 def test_prepare_bad_input(case, tmp_path, capsys):
     from tests.conftest import write_alignment, write_completion
 
     align, mkgc = tmp_path / "a", tmp_path / "m"
     write_alignment(align)
     write_completion(mkgc)
-    src, needles = align, []
+    src, needles, extra = align, [], []
     if case == "missing_file":
         (align / "triples_2").unlink()
         needles = ["missing file", "triples_2"]
@@ -89,8 +90,11 @@ def test_prepare_bad_input(case, tmp_path, capsys):
     elif case == "pickle_refused":
         (align / "features" / "attr.pkl").write_bytes(b"\x80\x04N.")
         needles = ["attr.pkl", "--allow-pickle"]
+    elif case == "pickle_corrupt":
+        (align / "features" / "attr.pkl").write_bytes(b"\x80\x04\x95garbage")
+        needles, extra = ["attr.pkl", "not a readable pickle"], ["--allow-pickle"]
     out = tmp_path / "out"
-    assert_one_line_error(capsys, ["prepare", str(src), str(out), "--quiet"], *needles)
+    assert_one_line_error(capsys, ["prepare", str(src), str(out), "--quiet", *extra], *needles)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 

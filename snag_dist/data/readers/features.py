@@ -85,10 +85,12 @@ def _open_safetensors(path: Path, name: str, num_entities: int) -> FeatureSource
 
 
 def _open_pickle(path: Path, name: str, num_entities: int, allow_pickle: bool) -> FeatureSource:
-    if allow_pickle:  # unpickling can run code: only on the user's explicit --allow-pickle
-        data = pickle.loads(path.read_bytes())
-    else:
+    if not allow_pickle:  # unpickling can run code: only on the user's explicit --allow-pickle
         raise DataError(f"{path}: pickle input refused (it can run code); pass --allow-pickle if you trust it")
+    try:
+        data = pickle.loads(path.read_bytes())
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
+        raise DataError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict) or not data:
         raise DataError(f"{path}: expected a non-empty {{entity_id: vector}} dict")
     dim = len(next(iter(data.values())))
