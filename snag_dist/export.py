@@ -22,25 +22,26 @@ import torch
 from safetensors.torch import save_file
 
 from snag_dist.config import load_config, to_dict
-from snag_dist.engine.checkpoint import load_checkpoint
+from snag_dist.engine.checkpoint import load_checkpoint, load_rank_files
 from snag_dist.errors import CheckpointError, DataError
 from snag_dist.tasks.registry import TASKS
 
 
 @torch.no_grad()
 def _embed_all(module, chunk: int) -> dict[str, torch.Tensor]:
-    model, g = module.model, module.graph
+    model, inputs = module.model, module.inputs
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
-    for a in range(0, len(g.ids), chunk):
-        out = model(g.ids, g.features, g.present, g.edge_index, out_index=g.ids[a:a + chunk])
+    ids = torch.arange(inputs.num_entities)
+    for a in range(0, len(ids), chunk):
+        out = inputs.encode(model, ids[a:a + chunk])
         rows = {"joint": out.joint_global, "joint_attention": out.joint, "modality_weights": out.modality_weights,
                 **{f"modality.{m}": out.modality_emb[m] for m in out.modalities}}
         for key, value in rows.items():
             parts.setdefault(key, []).append(value.float().cpu())
     tensors = {k: torch.cat(v) for k, v in parts.items()}
-    tensors["entity_ids"] = g.ids.cpu()
-    tensors["kg"] = g.kg.cpu().to(torch.uint8)
+    tensors["entity_ids"] = ids
+    tensors["kg"] = inputs.kg().cpu().to(torch.uint8)
     return tensors
 
 
@@ -54,6 +55,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best
     model_state, _, _ = load_checkpoint(run_dir / "checkpoints" / checkpoint)
     task = TASKS.get(cfg.task.name)(cfg, 0, 1, torch.device("cpu"))
     task.module.load_state_dict(model_state)
+    if getattr(task, "table", None) is not None:  # stream path: the table's rows from every rank's file
+        task.table.load_shards(load_rank_files(run_dir / "checkpoints" / checkpoint, "table"))
     tensors = _embed_all(task.module, cfg.eval.chunk_size)
     rotate = getattr(task.module, "rotate", None)
     if rotate is not None:  # completion: the RotatE vectors of the fused entities and the relation phases

@@ -33,6 +33,18 @@ class DataConfig:
     num_workers: NonNegInt = doc(0, "DataLoader worker processes per rank")
     block_size: PosInt = doc(65536, "triples/links per streamed block when re-batching")
     store_dir: str = doc("", "where the memory-mapped feature store is built ('' = SHARDS/.store)")
+    mode: Literal["auto", "full", "stream"] = doc(
+        "auto", "data path: full (every rank holds the graph; fastest for small graphs), stream (triples/links "
+        "streamed per rank from the shards, features read per batch from the memory-mapped store, entity table "
+        "sharded over ranks, GAT on sampled neighbourhoods) or auto (full when the full-graph estimate fits "
+        "data.full_max_gib, else stream)")
+    full_max_gib: PosFloat = doc(
+        2.0, "auto mode: largest full-graph estimate (float32 features + entity table with its optimizer state "
+        "+ triples, per process) that still takes the full path")
+    stream_splits: NonNegInt = doc(
+        0, "stream mode: virtual splits of an epoch (0 = processes x max(1, num_workers)); each rank reads "
+        "splits rank::world; with a fixed value the epoch's global batches are the same for any process count "
+        "that divides it")
 
 
 @dataclass(config=_FROZEN)
@@ -46,6 +58,9 @@ class ModelConfig:
     gat_layers: NonNegInt = doc(2, "GAT layers")
     gat_heads: PosInt = doc(2, "GAT attention heads")
     gat_dropout: Ratio = doc(0.0, "GAT attention dropout")
+    gat_fanout: list[int] = doc(
+        [10, 10], "stream mode: neighbours sampled per node and GAT layer (input layer first; -1 = all); "
+        "training and evaluation use the same fan-out")
     fusion: str = doc("transformer", "fusion of modality tokens: transformer (SNAG) or concat (MCLEA/EVA-style)")
     fusion_layers: PosInt = doc(1, "fusion Transformer layers")
     fusion_heads: PosInt = doc(1, "fusion Transformer attention heads")
@@ -67,6 +82,10 @@ class NoiseConfig:
     mask_ratio: Ratio = doc(0.7, "x -> (1-mask_ratio)*x + mask_ratio*eps")
     structure_scale: Ratio = doc(0.5, "structure modality uses noise_ratio and mask_ratio times this")
     resample: Literal["epoch", "step"] = doc("epoch", "when the noised entities are redrawn")
+    draws: Literal["auto", "table", "keyed"] = doc(
+        "auto", "how GMNM draws are made: table (per-epoch mask over all N entities, cached: the full-graph path), "
+        "keyed (a pure function of seed, epoch/step, modality and entity id: no N-sized state, the same noise in "
+        "any process or batch: the stream path), auto (the data path decides: table for full-graph, keyed for stream)")
     per_modality: dict[str, ModalityNoise] = doc({}, "per-modality overrides of noise_ratio/mask_ratio")
 
 
@@ -118,6 +137,9 @@ class TaskConfig:
 @dataclass(config=_FROZEN)
 class TrainConfig:
     epochs: PosInt = doc(100, "training epochs")
+    max_steps: NonNegInt = doc(0, "stop after this many optimizer steps in all (0 = epochs decide)")
+    steps_per_epoch: NonNegInt = doc(
+        0, "cap on the batches of one epoch (0 = the whole split; for huge splits, an 'epoch' of this many steps)")
     batch_size: PosInt = doc(3500, "aligned pairs (alignment) or triples (completion) per step")
     lr: PosFloat = doc(5e-4, "peak learning rate")
     weight_decay: Annotated[float, Field(ge=0.0)] = doc(1e-3, "AdamW weight decay (not on biases/modality weights)")

@@ -51,8 +51,10 @@ def save_checkpoint(folder: Path, model_state: dict, optim_state: dict | None, s
                     tag: str = "", rng: dict[str, torch.Tensor] | None = None,
                     task_state: dict[str, torch.Tensor] | None = None,
                     rank_shards: dict[str, torch.Tensor] | None = None, rank: int = 0, is_main: bool = True,
-                    barrier: Callable[[], None] | None = None) -> Path:
-    """Write one checkpoint; with ``barrier`` every rank calls this (rank shards), else rank 0 only."""
+                    barrier: Callable[[], None] | None = None,
+                    rank_files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write one checkpoint; with ``barrier`` every rank calls this (rank shards), else rank 0 only.
+    ``rank_files``: per-rank state (e.g. the sharded entity table) written as ``<name>.rank<R>.safetensors``."""
     sync = barrier or (lambda: None)
     final = folder / tag
     tmp = folder / f".{tag}.tmp"
@@ -63,6 +65,8 @@ def save_checkpoint(folder: Path, model_state: dict, optim_state: dict | None, s
     sync()
     if rank_shards:
         save_file(_tensors(rank_shards), str(tmp / f"optim.rank{rank}.safetensors"))
+    for name, tensors in (rank_files or {}).items():
+        save_file(_tensors(tensors), str(tmp / f"{name}.rank{rank}.safetensors"))
     if not is_main:
         sync()
         sync()
@@ -102,6 +106,14 @@ def _prune(folder: Path, keep_last: int) -> None:
 def load_task_state(path: Path) -> dict[str, torch.Tensor]:
     """The task's own state (e.g. alignment pseudo links) saved with a checkpoint ({} when none)."""
     return _load_optional(path / "task.safetensors", path)
+
+
+def load_rank_files(path: Path, name: str) -> list[dict[str, torch.Tensor]]:
+    """Every rank's ``<name>.rank<R>.safetensors`` of a checkpoint, in rank order."""
+    files = sorted(path.glob(f"{name}.rank*.safetensors"), key=lambda p: int(p.name.split(".rank")[1].split(".")[0]))
+    if not files:
+        raise CheckpointError(f"checkpoint {path} has no {name}.rank<R>.safetensors (saved on the full data path?)")
+    return [_load_optional(f, path) for f in files]
 
 
 def load_rank_shard(path: Path, rank: int) -> dict[str, torch.Tensor]:

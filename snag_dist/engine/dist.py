@@ -25,11 +25,7 @@ class RankInfo:
                    int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def generator(seed: int, *parts: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, *parts), e.g. (seed, epoch, rank)."""
-    g = torch.Generator()
-    g.manual_seed(hash((seed, *parts)) & 0x7FFFFFFFFFFFFFFF)
-    return g
+from snag_dist.seeding import generator  # noqa: E402,F401  (kept importable from here)
 
 
 def _all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -64,21 +60,28 @@ class _GatherRows(torch.autograd.Function):
 
 
 class Collectives:
-    """What tasks may ask of the other processes: sums, row gathers (with gradient). Identity when
-    there is one process, so a task runs the same code single- and multi-process."""
+    """What tasks may ask of the other processes (``tasks.base.Comm``): sums, row gathers (with
+    gradient), all-to-all row exchange. Identity when there is one process, so a task runs the same
+    code single- and multi-process. The engine hands it to the task (``task.attach``)."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                 group=None) -> None:
         self.rank, self.world_size = rank, world_size
         self.device = device or torch.device("cpu")  # where the process group's tensors must live
+        # The sharded table's exchanges run in the backward, next to DDP's asynchronous gradient
+        # all-reduces: a group of their own keeps the two streams of collectives apart.
+        self.group = group
 
     @classmethod
     def current(cls) -> Collectives:
+        """Collectives over the default process group; every rank must call this at the same point
+        (it creates the table-exchange group collectively)."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             nccl = dist.get_backend() == "nccl"
             device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-            return cls(dist.get_rank(), dist.get_world_size(), device)
+            return cls(dist.get_rank(), dist.get_world_size(), device, group=dist.new_group())
         return cls()
 
     @property
@@ -112,3 +115,20 @@ class Collectives:
         y = x.to(self.device, copy=True)
         dist.all_reduce(y)
         return y.to(x.device)
+
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Rows of ``x`` cut by ``send_counts`` go to ranks 0..W-1; returns the received rows (rank
+        order) and how many came from each rank. Not differentiable (callers route gradients back
+        with a second exchange)."""
+        if not self.active:
+            return x, list(send_counts)
+        import torch.distributed as dist
+
+        counts = torch.tensor(send_counts, dtype=torch.long, device=self.device)
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        recv = [int(c) for c in recv_counts.tolist()]
+        out = x.new_empty((sum(recv), *x.shape[1:]), device=self.device)
+        dist.all_to_all_single(out, x.contiguous().to(self.device), recv, [int(c) for c in send_counts],
+                               group=self.group)
+        return out.to(x.device), recv

@@ -8,22 +8,21 @@ split is evaluated once per phase, on the best weights.
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch import nn
 
 from snag_dist.config import EvalConfig, TrainConfig
 from snag_dist.engine.backend import Backend
 from snag_dist.engine.checkpoint import (
     latest,
     load_checkpoint,
+    load_rank_files,
     load_rng,
     load_task_state,
     save_checkpoint,
@@ -31,31 +30,7 @@ from snag_dist.engine.checkpoint import (
 from snag_dist.engine.optim import build_optimizer, schedule_position, warmup_cosine
 from snag_dist.errors import TrainingError
 from snag_dist.logging import MetricsLogger
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    epochs: int
-    lr_scale: float = 1.0
-    reload_best: bool = False  # start from the best weights of the previous phase
-
-
-class TrainTask(Protocol):
-    module: nn.Module
-    metric: str  # validation metric to maximise
-
-    def phases(self, epochs: int) -> list[Phase]: ...
-
-    def steps_per_epoch(self) -> int: ...
-
-    def batches(self, epoch: int) -> Iterable[Any]: ...
-
-    def on_epoch_start(self, epoch: int, module: nn.Module, phase: Phase) -> None: ...
-
-    def evaluate(self, module: nn.Module, split: str) -> dict[str, float]: ...
-
-    def epoch_stats(self, module: nn.Module) -> dict[str, Any]: ...
+from snag_dist.tasks.base import Phase, TrainTask  # noqa: F401  (the task protocol lives with the tasks)
 
 
 @dataclass
@@ -67,6 +42,7 @@ class FitState:
     bad_evals: int = 0
     results: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> test metrics
     step: int = 0  # batches of `epoch` already trained (a mid-epoch checkpoint resumes after them)
+    global_step: int = 0  # optimizer steps over the whole run (train.max_steps)
     sums: dict[str, float] = field(default_factory=dict)  # loss sums over those batches
     schedule_steps: int = 0  # length of the phase's lr schedule in optimizer steps at its start
     schedule_segment: tuple[float, float, float] = (0, 0.0, 1.0)  # see optim.warmup_cosine
@@ -82,13 +58,18 @@ class Trainer:
         self.ckpt = run_dir / "checkpoints"
         self.state = FitState()
         self.phases = task.phases(train.epochs)
+        self.table = getattr(task, "table", None)  # row-sharded entity table: stepped and saved per rank
+        self._phase_lr_scale = 1.0
 
     # -- set-up per phase -------------------------------------------------------------------
     def _setup_phase(self, phase: Phase, first_epoch: int, end_epoch: int) -> None:
         module = self.backend.unwrap(self.module) if hasattr(self, "module") else self.task.module
         optimizer = build_optimizer(module, self.cfg.lr * phase.lr_scale, self.cfg.weight_decay,
                                     self.cfg.embedding_lr_scale, self.cfg.lr_scales)
+        self._phase_lr_scale = phase.lr_scale
         total = max(1, (end_epoch - first_epoch) * self.task.steps_per_epoch() // self.cfg.grad_accum)
+        if self.cfg.max_steps:
+            total = max(1, min(total, self.cfg.max_steps // self.cfg.grad_accum))
         self.state.schedule_steps, self.state.schedule_segment = total, (0, 0.0, 1.0)
         self._raw_optimizer = optimizer
         scheduler = self._schedule(optimizer, total, self.state.schedule_segment)
@@ -131,10 +112,11 @@ class Trainer:
         optim = self.optimizer.state_dict() if with_optim and not shards else None
         rng = {f"torch_cpu.rank{r}": rng_all[r] for r in range(rng_all.shape[0])}
         task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
+        rank_files = {"table": self.table.state_dict(with_optim)} if self.table is not None else {}
         return save_checkpoint(self.ckpt, model_state, optim, state,
                                keep_last=self.cfg.keep_last if tag.startswith("epoch_") else 0, tag=tag, rng=rng,
                                task_state=task_state, rank_shards=shards, rank=self.backend.rank,
-                               is_main=self.backend.is_main, barrier=self.backend.barrier)
+                               is_main=self.backend.is_main, barrier=self.backend.barrier, rank_files=rank_files)
 
     def resume(self) -> bool:
         path = latest(self.ckpt)
@@ -150,6 +132,8 @@ class Trainer:
         self.logger.rewind(self.state.epoch)
         start, end = self._phase_bounds(self.state.phase)
         self.task.module.load_state_dict(model)
+        if self.table is not None:
+            self.table.load_shards(load_rank_files(path, "table"))
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(load_task_state(path))
         self._setup_phase(self.phases[self.state.phase], start, end)
@@ -177,6 +161,8 @@ class Trainer:
             model, _, _ = load_checkpoint(best)
             with self.backend.full_params(self.module, modify=True):
                 self.backend.unwrap(self.module).load_state_dict(model)
+            if self.table is not None:
+                self.table.load_shards(load_rank_files(best, "table"))
 
     # -- epochs -----------------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -186,8 +172,12 @@ class Trainer:
         t0 = time.perf_counter()
         total = self.task.steps_per_epoch()
         every = self.cfg.checkpoint_every_steps * self.cfg.grad_accum
-        batches = itertools.islice(self.task.batches(epoch), self.state.step, None)
+        batches = self.task.batches(epoch, self.state.step)
+        rows, t_rows = 0, time.perf_counter()
+        bar = self._step_bar(epoch, total)
         for step, batch in enumerate(batches, start=self.state.step):
+            if self._out_of_steps():
+                break
             with self.backend.autocast():
                 losses = self.module(batch)
             loss = losses["loss"]
@@ -196,19 +186,44 @@ class Trainer:
                                     "lower train.lr or check the input features")
             self.backend.backward(loss / self.cfg.grad_accum)
             boundary = (step + 1) % self.cfg.grad_accum == 0
+            if boundary and self.table is not None:  # the schedule's lr before the scheduler moves on
+                self.table.step(self.scheduler.lr_lambdas[0](self.scheduler.last_epoch) * self._phase_lr_scale)
             self.backend.step(self.optimizer, self.scheduler, self.cfg.grad_clip, boundary)
             for key, value in losses.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             self.state.step = step + 1
+            if boundary:
+                self.state.global_step += 1
+            rows += batch_rows(batch)
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0 or step + 1 == total:
+                    bar.set_postfix(loss=f"{float(loss):.4f}", rows_s=f"{rows / (time.perf_counter() - t_rows):.0f}")
             if every and boundary and self.state.step % every == 0 and self.state.step < total:
                 self._save(f"epoch_{epoch}_step_{self.state.step}")
+        if bar is not None:
+            bar.close()
         steps = max(self.state.step, 1)
         record = {f"loss/{k}" if k != "loss" else "loss": self.backend.reduce_mean(v / steps)
                   for k, v in sums.items()}
         self.state.step, self.state.sums = 0, {}
         record["seconds"] = time.perf_counter() - t0
+        record["steps"] = steps
+        record["rows_per_s"] = self.backend.reduce_mean(rows / max(1e-9, time.perf_counter() - t_rows)
+                                                        ) * self.backend.world_size
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         return record
+
+    def _out_of_steps(self) -> bool:
+        return bool(self.cfg.max_steps) and self.state.global_step >= self.cfg.max_steps
+
+    def _step_bar(self, epoch: int, total: int):
+        """Per-step progress (rank 0) for epochs long enough to wait on: steps and rows/s."""
+        if not self.progress or total < 50:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=self.state.step, desc=f"epoch {epoch}", unit="step", leave=False)
 
     def _validate(self, epoch: int, phase: Phase) -> bool:
         """Evaluate on validation; save best; return True when early stopping triggers."""
@@ -254,7 +269,7 @@ class Trainer:
                 self.state.best, self.state.best_epoch = -math.inf, -1
             resumed = False
             stop = False
-            while self.state.epoch < end and not stop:
+            while self.state.epoch < end and not stop and not self._out_of_steps():
                 epoch = self.state.epoch
                 if self.state.step == 0:  # mid-epoch resumes restored what the epoch start set up
                     with self.backend.full_params(self.module):
@@ -267,7 +282,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", s_per_ep=f"{record['seconds']:.2f}",
                                 best=f"{self.state.best:.4f}")
                 self._last_eval = None
-                if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == end:
+                if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == end or self._out_of_steps():
                     stop = self._validate(epoch, phase)
                 self.state.epoch += 1
                 saved = None
@@ -278,8 +293,16 @@ class Trainer:
                         callback({**self._last_eval, "checkpoint": saved})
             self._end_phase(phase, end)
             self.state.phase += 1
+            if self._out_of_steps():  # train.max_steps reached: no later phase starts
+                self.state.phase = len(self.phases)
             self.state.epoch = max(self.state.epoch, end)
             self.state.bad_evals = 0
         bar.close()
         self._save(f"epoch_{self.state.epoch}")
         return self.state
+
+
+def batch_rows(batch: Any) -> int:
+    """Training rows (triples, pairs) in a batch, for the rows/s the progress shows."""
+    rows = getattr(batch, "triples", batch)
+    return int(rows.shape[0]) if hasattr(rows, "shape") else 0

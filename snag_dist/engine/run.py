@@ -10,7 +10,7 @@ import torch
 
 from snag_dist.config import Config, load_config, save_config
 from snag_dist.engine.backend import build_backend
-from snag_dist.engine.checkpoint import load_checkpoint, load_task_state
+from snag_dist.engine.checkpoint import load_checkpoint, load_rank_files, load_task_state
 from snag_dist.engine.dist import Collectives
 from snag_dist.engine.loop import Trainer
 from snag_dist.engine.memory import keep_freed_memory
@@ -28,12 +28,9 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         keep_freed_memory()
     backend = build_backend(cfg.engine, cfg.train)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    task = TASKS.get(cfg.task.name)(cfg, backend.rank, backend.world_size, backend.device)
+    # The one injection point of collectives into a task (tasks never import torch.distributed).
     comm = Collectives.current()
-    if hasattr(task, "attach"):
-        task.attach(comm)
-    elif hasattr(task, "reduce_sum") and comm.active:
-        task.reduce_sum = comm.reduce_sum
+    task = TASKS.get(cfg.task.name)(cfg, backend.rank, backend.world_size, backend.device, comm=comm)
     if backend.is_main:
         save_config(cfg, run_dir / "config.yaml")
     logger = MetricsLogger(run_dir, enabled=backend.is_main, resume=resume)
@@ -61,6 +58,8 @@ def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"
     model_state, _, _ = load_checkpoint(best)
     task = TASKS.get(cfg.task.name)(cfg, 0, 1, torch.device("cpu"))
     task.module.load_state_dict(model_state)
+    if getattr(task, "table", None) is not None:  # stream path: the table's rows from every rank's file
+        task.table.load_shards(load_rank_files(best, "table"))
     if hasattr(task, "load_state_dict"):  # e.g. the pseudo links the best epoch trained with
         task.load_state_dict(load_task_state(best))
     return {s: task.evaluate(task.module, s) for s in splits}

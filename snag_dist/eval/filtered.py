@@ -29,10 +29,14 @@ relations, S distinct (anchor, relation) keys, T known triples.
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -82,6 +86,31 @@ class KnownTriples:
         ptr = torch.zeros(len(keys_S) + 1, dtype=torch.long)
         ptr[1:] = torch.cumsum(counts, 0)
         return _Index(keys_S, ptr, flat_T)
+
+    # -- on disk: built once, then memory-mapped by every process (no rank holds the triples) ---
+    _FILES = ("keys_S", "ptr_S1", "flat_T")
+
+    def save(self, folder: Path) -> None:
+        """Write the index as .npy files into ``folder`` (which must exist)."""
+        for side, idx in (("tail", self._tail), ("head", self._head)):
+            for name in self._FILES:
+                np.save(folder / f"{side}.{name}.npy", getattr(idx, name).numpy())
+        (folder / "known.json").write_text(json.dumps({"num_entities": self.num_entities, "num_triples":
+                                                       self.num_triples, "num_relations": self.num_relations}))
+
+    @classmethod
+    def load(cls, folder: Path) -> KnownTriples:
+        """The index ``save`` wrote, memory-mapped: the OS page cache holds it, not the heap."""
+        meta = json.loads((folder / "known.json").read_text())
+        self = cls.__new__(cls)
+        self.num_entities, self.num_relations = meta["num_entities"], meta["num_relations"]
+        self.num_triples = meta["num_triples"]
+        with warnings.catch_warnings():  # read-only maps: torch warns that writes would be undefined
+            warnings.simplefilter("ignore", UserWarning)
+            for side in ("tail", "head"):
+                arrays = [torch.from_numpy(np.load(folder / f"{side}.{n}.npy", mmap_mode="r")) for n in cls._FILES]
+                setattr(self, f"_{side}", _Index(*arrays))
+        return self
 
     def _segments(self, anchor_c: Tensor, rel_c: Tensor, predict_head: bool) -> tuple[_Index, Tensor, Tensor]:
         """(index, segment of each query clamped into range, whether the query's key is known)."""

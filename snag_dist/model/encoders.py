@@ -76,16 +76,30 @@ class LinearEncoder(ModalityEncoder):
 class StructureEncoder(ModalityEncoder):
     """Learned entity embedding, optionally followed by the diagonal GAT over the given edges."""
 
-    def __init__(self, num_entities: int, hidden: int, gat: GAT | None = None) -> None:
+    def __init__(self, num_entities: int, hidden: int, gat: GAT | None = None, own_table: bool = True) -> None:
         super().__init__(STRUCTURE)
-        self.embedding = nn.Embedding(num_entities, hidden)
-        # Reference init: N(0, 1/sqrt(num_entities)), small so the GAT starts near averaging.
-        nn.init.normal_(self.embedding.weight, std=1.0 / math.sqrt(num_entities))
+        # Without its own table (stream path) the rows come in as features["structure"], fetched
+        # from a row-sharded table outside the module (model/sharded_table.py).
+        self.embedding = nn.Embedding(num_entities, hidden) if own_table else None
+        if self.embedding is not None:
+            # Reference init: N(0, 1/sqrt(num_entities)), small so the GAT starts near averaging.
+            nn.init.normal_(self.embedding.weight, std=init_std(num_entities))
         self.gat = gat
         self.uses_graph = self.selects_outputs = gat is not None
 
     def inputs(self, entity_ids: torch.Tensor, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if STRUCTURE in features:
+            return features[STRUCTURE]
+        if self.embedding is None:
+            raise DataError("the structure encoder has no table of its own: pass features['structure'] rows")
         return self.embedding(entity_ids)
+
+    def forward_sampled(self, x_SH: torch.Tensor, sampled, out_ids: torch.Tensor) -> torch.Tensor:
+        """(O, H) for ``out_ids``; x_SH are the rows of ``sampled.nodes`` (a fan-out-sampled subgraph)."""
+        if self.gat is None:
+            return x_SH
+        h_TH = self.gat.forward_sampled(x_SH, sampled)
+        return h_TH[torch.searchsorted(sampled.targets.to(out_ids.device), out_ids)]
 
     def forward(self, x_EH: torch.Tensor, edge_index: torch.Tensor | None = None,
                 out_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,15 +111,21 @@ class StructureEncoder(ModalityEncoder):
         return self.gat(x_EH, edge_index, out_index=out_index)
 
 
+def init_std(num_entities: int) -> float:
+    """The structure table's initial std (the reference's N(0, 1/sqrt(num_entities)))."""
+    return 1.0 / math.sqrt(num_entities)
+
+
 @ENCODERS.register("gat")
-def build_gat_encoder(name: str, cfg: ModelConfig, spec: ModelSpec) -> ModalityEncoder:
+def build_gat_encoder(name: str, cfg: ModelConfig, spec: ModelSpec, own_table: bool = True) -> ModalityEncoder:
     gat = GAT(cfg.hidden, cfg.gat_layers, cfg.gat_heads, cfg.gat_dropout) if cfg.gat_layers else None
-    return StructureEncoder(spec.num_entities, cfg.hidden, gat)
+    return StructureEncoder(spec.num_entities, cfg.hidden, gat, own_table)
 
 
 @ENCODERS.register("embedding")
-def build_embedding_encoder(name: str, cfg: ModelConfig, spec: ModelSpec) -> ModalityEncoder:
-    return StructureEncoder(spec.num_entities, cfg.hidden, gat=None)
+def build_embedding_encoder(name: str, cfg: ModelConfig, spec: ModelSpec, own_table: bool = True
+                            ) -> ModalityEncoder:
+    return StructureEncoder(spec.num_entities, cfg.hidden, gat=None, own_table=own_table)
 
 
 @ENCODERS.register("linear")
@@ -113,10 +133,14 @@ def build_linear_encoder(name: str, cfg: ModelConfig, spec: ModelSpec) -> Modali
     return LinearEncoder(name, spec.get(name).dim, cfg.hidden)
 
 
-def build_encoders(cfg: ModelConfig, spec: ModelSpec, modalities: Sequence[str]) -> nn.ModuleDict:
-    """One encoder per modality, in token order: cfg.structure_encoder for structure, linear otherwise."""
+def build_encoders(cfg: ModelConfig, spec: ModelSpec, modalities: Sequence[str], own_table: bool = True
+                   ) -> nn.ModuleDict:
+    """One encoder per modality, in token order: cfg.structure_encoder for structure, linear otherwise
+    (``own_table=False``: the structure rows come from outside, see StructureEncoder)."""
     encoders = nn.ModuleDict()
     for name in modalities:
-        kind = cfg.structure_encoder if name == STRUCTURE else "linear"
-        encoders[name] = ENCODERS.get(kind)(name, cfg, spec)
+        if name == STRUCTURE:
+            encoders[name] = ENCODERS.get(cfg.structure_encoder)(name, cfg, spec, own_table=own_table)
+        else:
+            encoders[name] = ENCODERS.get("linear")(name, cfg, spec)
     return encoders

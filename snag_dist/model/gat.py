@@ -15,12 +15,16 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from snag_dist.errors import DataError
+
+if TYPE_CHECKING:
+    from snag_dist.model.sampling import SampledGraph
 
 # CSR matmul is stable for what we use (CSR @ dense, sampled_addmm); the beta notice is noise in logs.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -297,3 +301,19 @@ class GAT(nn.Module):
         if out_index is None:
             return h
         return h[where] if restrict else h[out_index]  # restricted: the last layer's rows are `wanted`
+
+    def forward_sampled(self, x_SH: torch.Tensor, sampled: SampledGraph) -> torch.Tensor:
+        """x_SH: (S, H) inputs of ``sampled.nodes`` -> (T, H) outputs of ``sampled.targets``, each
+        layer over its block of ``sampled.plan`` (see ``snag_dist.model.sampling``)."""
+        if len(sampled.plan) != len(self.layers):
+            raise DataError(f"sampled graph has {len(sampled.plan)} layers of edges, the GAT {len(self.layers)}")
+        if x_SH.shape[0] != sampled.nodes.numel():
+            raise DataError(f"x has {x_SH.shape[0]} rows, the sampled graph reads {sampled.nodes.numel()} nodes")
+        if sampled.nodes.device != x_SH.device:
+            sampled = sampled.to(x_SH.device)
+        h = x_SH
+        for i, (layer, layer_edges) in enumerate(zip(self.layers, sampled.plan)):
+            h = layer(h, layer_edges, self._scratch)
+            if i + 1 < len(self.layers):
+                h = F.elu(h)
+        return h

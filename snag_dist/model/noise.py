@@ -7,15 +7,27 @@ structure modality uses both ratios times `structure_scale` (0.5 in the paper) a
 are recomputed from the learned embedding at every resample. Evaluation always sees clean inputs.
 
 Resampling: "epoch" fixes the chosen entities and their eps for a whole epoch, indexed by entity
-id (the reference redraws once per epoch); "step" draws afresh on every call. Every draw uses a
-torch.Generator seeded from (seed, epoch, step, modality), so a run replays exactly; draws made on
-different device types (CPU vs CUDA generators) differ. Pass a rank-mixed seed to `resample` for
-per-rank draws. Shapes: N entities, B batch rows, D dims, K noised entities.
+id (the reference redraws once per epoch); "step" draws afresh on every call.
+
+Draws, two ways:
+- table (keyed=False, the full-graph path): every draw uses a torch.Generator seeded from (seed,
+  epoch, step, modality), so a run replays exactly; draws made on different device types (CPU vs
+  CUDA generators) differ. Epoch mode draws a mask over all N entity ids and eps for the K noised
+  ones and caches them; step mode draws per row of the call. Pass a rank-mixed seed to `resample`
+  for per-rank draws.
+- keyed (keyed=True, the stream path): a draw is a pure function of (seed, epoch[, step], modality,
+  entity id) by a counter-based hash, made only for the rows of the call (eps only for the noised
+  ones): nothing N-sized, and an entity gets the same noise whichever process or batch holds it.
+  The integer part is exact on every device; the float part (Box-Muller) may differ by an ulp
+  between CPU and CUDA.
+
+Shapes: N entities, B batch rows, D dims, K noised entities (or noised rows), J = ceil(D / 2).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -32,6 +44,66 @@ def draw_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+# ---- keyed draws: splitmix64 on int64 tensors ------------------------------------------------
+# Hand-written because torch has no counter-based per-element RNG keyed by arbitrary ids on CPU: a
+# torch.Generator stream depends on the call order and the shape drawn, so the same entity would get
+# other noise in another batch. torch int64 multiply wraps (mod 2**64, as splitmix64 needs); `>>` on
+# int64 is arithmetic, so each shift is masked to make it logical; constants above 2**63 are written
+# as their two's complement int64 values.
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15, the splitmix64 increment
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+_LOW32 = (1 << 32) - 1
+
+
+def _srl(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 z by s (0 < s < 64)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser, in place on an int64 tensor (a bijection of 64-bit values)."""
+    for shift, mult in ((30, _MIX1), (27, _MIX2)):
+        z ^= _srl(z, shift)
+        z *= mult
+    z ^= _srl(z, 31)
+    return z
+
+
+def keyed_hash(key: int, ids: torch.Tensor) -> torch.Tensor:
+    """(B,) int64: output e+1 of splitmix64 seeded with `key`, for each id e (a counter-based draw)."""
+    return _mix_(ids.long() * _GOLDEN + (key + _GOLDEN))
+
+
+def keyed_uniform(key: int, ids: torch.Tensor) -> torch.Tensor:
+    """(B,) float64 in [0, 1): U(key, e), the top 53 bits of the hash (exact in float64)."""
+    return _srl(keyed_hash(key, ids), 11).double() * 2.0**-53
+
+
+def keyed_below(key: int, ids: torch.Tensor, p: float) -> torch.Tensor:
+    """(B,) bool: U(key, e) < p, decided on integers (no float64 needed on the device)."""
+    return _srl(keyed_hash(key, ids), 11) < math.ceil(p * 2.0**53)  # k * 2**-53 < p  <=>  k < ceil(p * 2**53)
+
+
+def keyed_normal(key: int, ids: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, dim) float32 standard normals Z(key, e, d), by Box-Muller from the splitmix64 stream of e.
+
+    Row e's stream is seeded with keyed_hash(key, e); its output j+1 gives two 32-bit uniforms u1
+    (high half) and u2 (low half), and r = sqrt(-2 ln(1 - u1)), theta = 2 pi u2 give Z[e, j] =
+    r cos(theta) and Z[e, j + J] = r sin(theta) (J = ceil(dim / 2)). |Z| < 6.67 (32-bit u1).
+    """
+    half = (dim + 1) // 2
+    seed_B = keyed_hash(key, ids)
+    g_BJ = _mix_(seed_B[:, None] + torch.arange(1, half + 1, device=ids.device) * _GOLDEN)
+    one_minus_u1 = ((1 << 32) - _srl(g_BJ, 32)).float().mul_(2.0**-32)  # (0, 1]: ln is finite
+    r_BJ = one_minus_u1.log_().mul_(-2.0).sqrt_()
+    theta_BJ = (g_BJ & _LOW32).float().mul_(2.0 * math.pi * 2.0**-32)
+    # sin(t) = cos(t - pi/2): one contiguous cos over (B, 2, J) beats writing cos/sin into strided halves.
+    shift_2 = torch.arange(2, device=ids.device, dtype=torch.float32).mul_(-0.5 * math.pi)
+    z_B2J = (theta_BJ[:, None, :] + shift_2[None, :, None]).cos_().mul_(r_BJ[:, None, :])
+    return z_B2J.view(ids.shape[0], 2 * half)[:, :dim]
+
+
 def check_overrides(cfg: NoiseConfig, known: Iterable[str]) -> None:
     """Fail on per-modality overrides for a modality nobody knows (most likely a typo)."""
     known = set(known)
@@ -45,7 +117,9 @@ class GaussModalityNoise(nn.Module):
 
     `stats[name] = (mean (D,), std (D,))` per modality; a 'structure' entry is a placeholder that
     `resample(..., struct_weight)` / `set_structure_stats` overwrite. `num_entities` is needed only
-    for epoch resampling (masks are drawn for every entity id).
+    for table epoch resampling (masks are drawn for every entity id). `keyed=True` makes every draw a
+    pure function of (seed, epoch[, step], modality, entity id), with no N-sized state (the caller
+    resolves NoiseConfig.draws="auto"); `mask_of(name, ids)` then tells which rows a draw noises.
     """
 
     def __init__(
@@ -53,10 +127,13 @@ class GaussModalityNoise(nn.Module):
         cfg: NoiseConfig,
         stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         num_entities: int | None = None,
+        *,
+        keyed: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_entities = num_entities
+        self.keyed = bool(keyed)
         self.names = list(stats)
         for name, (mean, std) in stats.items():
             if mean.shape != std.shape or mean.dim() != 1:
@@ -69,6 +146,7 @@ class GaussModalityNoise(nn.Module):
         self._seed, self._epoch, self._step = 0, 0, 0
         self._drawn: dict[str, tuple[torch.device, torch.Tensor, torch.Tensor]] = {}  # name -> (dev, pos_N, eps_KD)
         self._last: dict[str, torch.Tensor] = {}  # name -> mask_B of the last call
+        self._last_step: dict[str, int] = {}  # name -> step of the last keyed step-mode call
 
     # ---- configuration -------------------------------------------------------------------
     def ratios(self, name: str) -> tuple[float, float]:
@@ -87,19 +165,29 @@ class GaussModalityNoise(nn.Module):
         return getattr(self, f"{name}_mean"), getattr(self, f"{name}_std")
 
     @torch.no_grad()
+    def set_stats(self, name: str, mean_D: torch.Tensor, std_D: torch.Tensor) -> None:
+        """Overwrite a modality's eps statistics (e.g. structure stats all-reduced over processes)."""
+        mean, std = self.stats(name)
+        if mean_D.shape != mean.shape or std_D.shape != std.shape:
+            raise DataError(
+                f"stats for '{name}' have shapes {tuple(mean_D.shape)}/{tuple(std_D.shape)}, want ({mean.shape[0]},)")
+        mean.copy_(mean_D)
+        std.copy_(std_D)
+        self._drawn.pop(name, None)
+
+    @torch.no_grad()
     def set_structure_stats(self, weight_ND: torch.Tensor) -> None:
         """Per-dimension mean/std of the current structure embedding (the reference's ent_mean/ent_std)."""
-        mean, std = self.stats(STRUCTURE)
+        mean, _ = self.stats(STRUCTURE)
         if weight_ND.shape[1:] != mean.shape:
             raise DataError(f"structure weight has shape {tuple(weight_ND.shape)}, want (N, {mean.shape[0]})")
-        mean.copy_(weight_ND.float().mean(dim=0))
-        std.copy_(weight_ND.float().std(dim=0))
-        self._drawn.pop(STRUCTURE, None)
+        self.set_stats(STRUCTURE, weight_ND.float().mean(dim=0), weight_ND.float().std(dim=0))
 
     def resample(self, epoch: int, seed: int, struct_weight: torch.Tensor | None = None) -> None:
         """Start a new epoch of draws: new masks and eps (epoch mode), step counter reset."""
         self._seed, self._epoch, self._step = int(seed), int(epoch), 0
         self._drawn.clear()
+        self._last_step.clear()
         if struct_weight is not None:
             self.set_structure_stats(struct_weight)
 
@@ -110,6 +198,7 @@ class GaussModalityNoise(nn.Module):
     def set_extra_state(self, state: torch.Tensor) -> None:
         self._seed, self._epoch, self._step = (int(v) for v in state.tolist())
         self._drawn.clear()  # redrawn lazily from the restored seed, identical to the saved run
+        self._last_step.clear()
 
     # ---- draws ---------------------------------------------------------------------------
     def _generator(self, device: torch.device, name: str, step: int | None) -> torch.Generator:
@@ -144,9 +233,41 @@ class GaussModalityNoise(nn.Module):
         eps_BD = torch.randn(rows, mean.shape[0], generator=gen, device=device)
         return mask_B, mean.to(device) + std.to(device) * eps_BD
 
+    def _key(self, part: str, name: str, step: int | None) -> int:
+        """The 63-bit key of a keyed draw, part "mask" or "eps" (step None: the epoch's draw)."""
+        return draw_seed("keyed", part, self._seed, self._epoch, step, name)
+
+    def _keyed_mask(self, name: str, ids_B: torch.Tensor, step: int | None) -> torch.Tensor:
+        noise_ratio, _ = self.ratios(name)
+        return keyed_below(self._key("mask", name, step), ids_B, noise_ratio)
+
+    def _keyed_eps(self, name: str, ids_K: torch.Tensor, step: int | None) -> torch.Tensor:
+        """(K, D) eps = mean + std * Z on ids_K's device: only for the rows that are noised."""
+        mean, std = self.stats(name)
+        z_KD = keyed_normal(self._key("eps", name, step), ids_K, mean.shape[0])
+        return torch.addcmul(mean.to(ids_K.device), std.to(ids_K.device), z_KD)
+
     def entity_mask(self, name: str) -> torch.Tensor:
-        """(N,) bool: the entities noised in modality `name` this epoch (epoch mode)."""
+        """(N,) bool: the entities noised in modality `name` this epoch (table epoch mode)."""
+        if self.keyed:
+            raise ConfigError("keyed GMNM draws keep no per-entity table; use mask_of(name, entity_ids)")
         return self._epoch_draw(name)[0] >= 0
+
+    def mask_of(self, name: str, entity_ids_B: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: whether the draw noises these entities (epoch mode: this epoch's; keyed step mode:
+        the last call's for `name`). Independent of train/eval; nothing N-sized when keyed."""
+        self.stats(name)  # a known modality
+        if not self.keyed:
+            if self.cfg.resample != "epoch":
+                raise ConfigError("table step-mode draws are per row, not per entity; use last_mask(name)")
+            mask_N = self.entity_mask(name)
+            return mask_N[entity_ids_B.to(mask_N.device)].to(entity_ids_B.device)
+        step = None
+        if self.cfg.resample == "step":
+            if name not in self._last_step:
+                raise KeyError(f"no keyed step-mode noise call for modality '{name}' yet")
+            step = self._last_step[name]
+        return self._keyed_mask(name, entity_ids_B, step)
 
     def last_mask(self, name: str) -> torch.Tensor:
         """(B,) bool: the rows noised by the last call for `name` (all False when noise is off)."""
@@ -164,6 +285,8 @@ class GaussModalityNoise(nn.Module):
         mean, _ = self.stats(name)
         if x_BD.dim() != 2 or x_BD.shape[1] != mean.shape[0]:
             raise DataError(f"'{name}' input has shape {tuple(x_BD.shape)}, its noise stats have D={mean.shape[0]}")
+        if self.keyed:
+            return self._keyed_forward(name, x_BD, entity_ids_B, mask_ratio)
         if self.cfg.resample == "epoch":
             pos_N, eps_KD = self._epoch_draw(name)
             pos_B = pos_N.to(x_BD.device)[entity_ids_B.to(x_BD.device)]
@@ -178,9 +301,28 @@ class GaussModalityNoise(nn.Module):
         mixed_BD = (1.0 - mask_ratio) * x_BD + mask_ratio * eps_BD.to(x_BD.dtype)
         return torch.where(mask_B[:, None], mixed_BD, x_BD)
 
+    def _keyed_forward(
+        self, name: str, x_BD: torch.Tensor, entity_ids_B: torch.Tensor, mask_ratio: float
+    ) -> torch.Tensor:
+        """Keyed GMNM: the mask from the ids, eps only for the noised rows (O(K x D) draws)."""
+        step = None
+        if self.cfg.resample == "step":
+            step, self._step = self._step, self._step + 1  # one counter over all modalities, as table mode
+            self._last_step[name] = step
+        ids_B = entity_ids_B.to(device=x_BD.device, dtype=torch.long)
+        mask_B = self._keyed_mask(name, ids_B, step)
+        self._last[name] = mask_B
+        rows_K = mask_B.nonzero().squeeze(1)
+        if rows_K.shape[0] == 0:
+            return x_BD
+        eps_KD = self._keyed_eps(name, ids_B.index_select(0, rows_K), step)
+        mixed_KD = (1.0 - mask_ratio) * x_BD.index_select(0, rows_K) + mask_ratio * eps_KD.to(x_BD.dtype)
+        return x_BD.index_copy(0, rows_K, mixed_KD)
+
     def extra_repr(self) -> str:
         c = self.cfg
         return (
             f"enabled={c.enabled}, noise_ratio={c.noise_ratio}, mask_ratio={c.mask_ratio}, "
-            f"structure_scale={c.structure_scale}, resample={c.resample}, modalities={self.names}"
+            f"structure_scale={c.structure_scale}, resample={c.resample}, "
+            f"draws={'keyed' if self.keyed else 'table'}, modalities={self.names}"
         )

@@ -123,8 +123,34 @@ class MultiModalModel(nn.Module):
             present = torch.ones(num, m, dtype=torch.bool, device=entity_ids.device)
         if tuple(present.shape) != (num, m):
             raise DataError(f"present has shape {tuple(present.shape)}, want ({num}, {m}) in order {self.modalities}")
-        present_EM = present.to(dtype=torch.bool)
         emb = self.encode_modalities(entity_ids, features, edge_index, out_index)
+        return self.fuse(emb, present)
+
+    def forward_rows(self, out_ids: torch.Tensor, features: Mapping[str, torch.Tensor],
+                     present: torch.Tensor | None = None, sampled=None) -> SnagOutput:
+        """The stream path: outputs for ``out_ids`` (O,) only, every input given per row.
+
+        ``features`` hold the O rows of each feature modality and, for the structure modality, its
+        learned rows: of ``sampled.nodes`` when a graph encoder runs on a sampled subgraph
+        (``model.sampling.SampledGraph``), else of ``out_ids``. GMNM noises each input by entity id.
+        """
+        emb: dict[str, torch.Tensor] = {}
+        for name, encoder in self.encoders.items():
+            graph = encoder.uses_graph and sampled is not None
+            ids = sampled.nodes.to(out_ids.device) if graph else out_ids
+            x = encoder.inputs(ids, features)
+            if self.noise is not None:
+                x = self.noise(name, x, ids)
+            emb[name] = encoder.forward_sampled(x, sampled, out_ids) if graph else encoder(x, None)
+        num = out_ids.shape[0]
+        if present is None:
+            present = torch.ones(num, len(self.modalities), dtype=torch.bool, device=out_ids.device)
+        return self.fuse(emb, present)
+
+    def fuse(self, emb: Mapping[str, torch.Tensor], present: torch.Tensor) -> SnagOutput:
+        """Tokens (E, H) per modality + present (E, M) token order -> fusion and joint embeddings."""
+        num = present.shape[0]
+        present_EM = present.to(dtype=torch.bool)
         tokens_EMH = torch.stack([emb[n] for n in self.modalities], dim=1)
         fused = self.fusion(tokens_EMH, present_EM)
         global_M = F.softmax(self.global_weights, dim=0)
@@ -160,9 +186,10 @@ def select_modalities(cfg: ModelConfig, spec: ModelSpec) -> list[str]:
 class SNAG(MultiModalModel):
     """SNAG: structure (embedding + GAT) and linear feature encoders, GMNM, Transformer fusion."""
 
-    def __init__(self, cfg: ModelConfig, spec: ModelSpec, noise: GaussModalityNoise | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, spec: ModelSpec, noise: GaussModalityNoise | None = None,
+                 own_table: bool = True) -> None:
         modalities = select_modalities(cfg, spec)
-        super().__init__(build_encoders(cfg, spec, modalities), build_fusion(cfg, len(modalities)), noise)
+        super().__init__(build_encoders(cfg, spec, modalities, own_table), build_fusion(cfg, len(modalities)), noise)
         self.cfg = cfg
         self.spec = spec
         self.spec_columns = [spec.names.index(n) for n in modalities if n != STRUCTURE]
@@ -181,6 +208,11 @@ class SNAG(MultiModalModel):
         """As MultiModalModel.forward, but `present` is (E, M_spec) bool in SPEC order (None: all)."""
         return super().forward(entity_ids, features, self.token_present(present, entity_ids), edge_index, out_index)
 
+    def forward_rows(self, out_ids: torch.Tensor, features: Mapping[str, torch.Tensor],
+                     present: torch.Tensor | None = None, sampled=None) -> SnagOutput:
+        """As MultiModalModel.forward_rows, but `present` is (O, M_spec) bool in SPEC order (None: all)."""
+        return super().forward_rows(out_ids, features, self.token_present(present, out_ids), sampled)
+
     def token_present(self, present_spec: torch.Tensor | None, entity_ids: torch.Tensor) -> torch.Tensor | None:
         """(E, M_spec) spec-order mask -> (E, M) token-order mask; structure is always present."""
         if present_spec is None:
@@ -195,7 +227,8 @@ class SNAG(MultiModalModel):
 
 
 def build_noise(
-    noise_cfg: NoiseConfig, spec: ModelSpec, modalities: list[str], hidden: int, also_known: Iterable[str] = ()
+    noise_cfg: NoiseConfig, spec: ModelSpec, modalities: list[str], hidden: int, also_known: Iterable[str] = (),
+    keyed: bool = False,
 ) -> GaussModalityNoise:
     """GMNM over the used modalities; structure stats start as a placeholder (set from the weights).
 
@@ -214,7 +247,7 @@ def build_noise(
             missing.append(name)
         else:
             stats[name] = (ms.mean, ms.std)
-    noise = GaussModalityNoise(noise_cfg, stats, num_entities=spec.num_entities)
+    noise = GaussModalityNoise(noise_cfg, stats, num_entities=spec.num_entities, keyed=keyed)
     needed = [n for n in missing if noise_cfg.enabled and min(noise.ratios(n)) > 0.0]
     if needed:
         raise DataError(
@@ -224,10 +257,15 @@ def build_noise(
     return noise
 
 
-def build_snag(model_cfg: ModelConfig, noise_cfg: NoiseConfig | None, spec: ModelSpec) -> SNAG:
-    """SNAG from its configs and the data spec (noise_cfg None: no GMNM module at all)."""
+def build_snag(model_cfg: ModelConfig, noise_cfg: NoiseConfig | None, spec: ModelSpec, stream: bool = False) -> SNAG:
+    """SNAG from its configs and the data spec (noise_cfg None: no GMNM module at all).
+
+    ``stream``: the structure rows live in a row-sharded table outside the module, and GMNM draws are
+    keyed by entity id unless ``noise.draws`` says otherwise."""
     modalities = select_modalities(model_cfg, spec)
     noise = None
     if noise_cfg is not None:
-        noise = build_noise(noise_cfg, spec, modalities, model_cfg.hidden, also_known=model_cfg.modalities)
-    return SNAG(model_cfg, spec, noise)
+        keyed = noise_cfg.draws == "keyed" or (noise_cfg.draws == "auto" and stream)
+        noise = build_noise(noise_cfg, spec, modalities, model_cfg.hidden, also_known=model_cfg.modalities,
+                            keyed=keyed)
+    return SNAG(model_cfg, spec, noise, own_table=not stream)

@@ -1,9 +1,13 @@
 """Multi-modal entity alignment (MMEA) with SNAG: GMI + ECIA + IIR, CSLS evaluation, iterative learning.
 
-Each step runs the structure encoder (GAT) over the whole graph but projects and fuses only the
-batch's entities (``out_index``), so a step costs O(graph) for the GAT and O(batch) for the rest.
-Every rank holds all training links, permutes them with the (seed, epoch) generator and takes its
-own slice of each global batch: equal step counts on every rank, each pair used once per epoch.
+Full path (``data.mode``): each step runs the structure encoder (GAT) over the whole graph but
+projects and fuses only the batch's entities (``out_index``), so a step costs O(graph) for the GAT
+and O(batch) for the rest; every rank holds all training links, permutes them with the (seed, epoch)
+generator and takes its own slice of each global batch: equal step counts on every rank, each pair
+used once per epoch. Stream path: each rank reads its virtual splits of the link shards
+(``data/epoch_stream.py``), the GAT runs on a sampled subgraph of the batch and the structure rows
+come from the row-sharded table (``tasks/inputs.py``); the contrastive losses still see the whole
+global batch (rows gathered with gradient).
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ import torch
 from torch import nn
 
 from snag_dist.config import Config
+from snag_dist.data.epoch_stream import EpochRows
 from snag_dist.data.stream import read_all_rows
-from snag_dist.engine.dist import Collectives, generator
-from snag_dist.engine.loop import Phase
-from snag_dist.errors import DataError
+from snag_dist.errors import ConfigError, DataError
 from snag_dist.eval.ranking import QueryShard, RankMetrics, alignment_ranks, mutual_nearest_pairs, rank_stats
-from snag_dist.model.snag import SNAG, SnagOutput, build_snag
+from snag_dist.model.snag import SNAG, SnagOutput
+from snag_dist.seeding import generator
 from snag_dist.tasks.alignment_losses import AlignmentLoss
-from snag_dist.tasks.common import GraphData, load_graph
+from snag_dist.tasks.base import Comm, LocalComm, Phase
+from snag_dist.tasks.completion import set_structure_noise_stats
+from snag_dist.tasks.inputs import StreamInputs, build_inputs
 
 
 class AlignmentModule(nn.Module):
@@ -35,14 +41,13 @@ class AlignmentModule(nn.Module):
         super().__init__()
         self.model = model
         self.loss = loss
-        self.graph: GraphData | None = None  # set by the task; plain attribute, never broadcast
+        self.inputs = None  # set by the task (tasks/inputs.py); plain attribute, never broadcast
         self.last_weights: torch.Tensor | None = None
-        self.comm = Collectives()  # set by the task: contrast over the global batch of all ranks
+        self.comm: Comm = LocalComm()  # set by the task: contrast over the global batch of all ranks
 
     def forward(self, pairs_B2: torch.Tensor) -> dict[str, torch.Tensor]:
-        g = self.graph
         uniq_O, inv = torch.unique(pairs_B2, return_inverse=True)
-        out = self.model(g.ids, g.features, g.present, g.edge_index, out_index=uniq_O)
+        out = self.inputs.encode(self.model, uniq_O)
         self.last_weights = out.modality_weights.detach().mean(0)
         pairs = inv.view(-1, 2)
         if not self.comm.active:
@@ -51,24 +56,24 @@ class AlignmentModule(nn.Module):
         return self.loss(out, pairs, rows=rows, scale=float(self.comm.world_size))
 
     @torch.no_grad()
-    def embed(self, ids: torch.Tensor, chunk: int) -> torch.Tensor:
-        """Test embeddings (joint_global) of ``ids``; the GAT sees the whole graph, fusion goes by chunk.
-
-        Every model call reruns the whole-graph GAT (most of its time), while fusing a chunk of rows
-        needs memory of the order of that pass's own (N x H per layer) for up to a few times N rows:
-        chunks are therefore at least the graph's size N, i.e. one GAT pass for the test links.
-        """
+    def embed(self, ids: torch.Tensor, chunk: int, rounds: int = 0) -> torch.Tensor:
+        """Test embeddings (joint_global) of ``ids``, by chunks (full path: chunks of at least N rows,
+        i.e. one whole-graph GAT pass; see FullGraphInputs.embed_chunk). ``rounds``: make at least
+        this many model calls (a sharded table needs the same number of calls on every rank)."""
         was_training = self.training
         self.eval()
-        g = self.graph
-        step = max(chunk, len(g.ids))
-        parts = [self.model(g.ids, g.features, g.present, g.edge_index, out_index=ids[a:a + step]).joint_global
-                 for a in range(0, len(ids), step)]
+        step = max(1, self.inputs.embed_chunk(chunk))
+        parts = [self.inputs.encode(self.model, ids[a:a + step]).joint_global for a in range(0, len(ids), step)]
+        for _ in range(len(parts), rounds):
+            self.inputs.encode(self.model, ids[:1] if len(ids) else torch.zeros(1, dtype=torch.long))
         self.train(was_training)
-        return torch.cat(parts).float()
+        return torch.cat(parts).float() if parts else torch.zeros(0)
+
+    def embed_rounds(self, n: int, chunk: int) -> int:
+        return -(-n // max(1, self.inputs.embed_chunk(chunk)))
 
 
-def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Collectives,
+def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Comm,
                         ) -> tuple[SnagOutput, torch.Tensor, slice]:
     """Every rank's entity rows (with gradient) and pairs, so each rank's loss contrasts the global batch.
 
@@ -99,26 +104,38 @@ def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Collectiv
 class AlignmentTask:
     metric = "hits@1"
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                 comm: Comm | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.acfg = cfg.task.alignment
+        self.device = device or torch.device("cpu")
+        self.comm = comm or LocalComm()
         root = Path(cfg.data.shards)
-        manifest, spec, graph = load_graph(root, cfg.data.store_dir)
+        manifest, spec, model, self.inputs = build_inputs(cfg, self.comm, self.device, "links/train")
         if manifest.task != "alignment":
             raise DataError(f"{root}: shards are for '{manifest.task}', config task is alignment")
+        self.stream = isinstance(self.inputs, StreamInputs)
+        self.table = self.inputs.table
+        splits = ("valid", "test") if self.stream else ("train", "valid", "test")
         self.links = {s: torch.from_numpy(read_all_rows(root, f"links/{s}")) if f"links/{s}" in manifest.shards
-                      else torch.zeros(0, 2, dtype=torch.long) for s in ("train", "valid", "test")}
-        if len(self.links["train"]) == 0:
+                      else torch.zeros(0, 2, dtype=torch.long) for s in splits}
+        if not manifest.shards.get("links/train"):
             raise DataError(f"{root}: no training links")
-        model = build_snag(cfg.model, cfg.noise if cfg.noise.enabled else None, spec)
+        if self.stream:
+            if self.acfg.iterative:
+                raise ConfigError("task.alignment.iterative=true needs data.mode=full for now (the mutual-nearest-"
+                                  "neighbour refresh is not sharded yet)")
+            self.links["train"] = torch.zeros(0, 2, dtype=torch.long)  # streamed, never held
+            self.rows = EpochRows(root, "links/train", batch_size=cfg.train.batch_size, rank=rank,
+                                  world_size=world_size, splits=cfg.data.stream_splits, workers=cfg.data.num_workers,
+                                  seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
         self.module = AlignmentModule(model, AlignmentLoss(self.acfg, model.modalities))
-        self.device = device or torch.device("cpu")
-        self.module.graph = graph.to(self.device)
-        self.comm = Collectives()
+        self.module.inputs = self.inputs
+        self.module.comm = self.comm
         self.pseudo = torch.zeros(0, 2, dtype=torch.long)
         self._candidates = torch.zeros(0, 2, dtype=torch.long)
 
-    def attach(self, comm: Collectives) -> None:
+    def attach(self, comm: Comm) -> None:
         """Run across processes: contrast over the global batch, evaluate a shard per rank."""
         self.comm = self.module.comm = comm
 
@@ -142,19 +159,37 @@ class AlignmentTask:
         return torch.cat([self.links["train"], self.pseudo])
 
     def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(len(self.train_pairs()) / self.cfg.train.batch_size))
+        if self.stream:
+            steps = self.rows.steps(0)
+        else:
+            steps = max(1, math.ceil(len(self.train_pairs()) / self.cfg.train.batch_size))
+        cap = self.cfg.train.steps_per_epoch
+        return min(steps, cap) if cap else steps
 
-    def batches(self, epoch: int) -> Iterator[torch.Tensor]:
+    def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        total = self.steps_per_epoch()
+        if self.stream:
+            for step, local in enumerate(self.rows.local_steps(epoch, start), start=start):
+                if step >= total:
+                    return
+                self.inputs.set_position(epoch, step)
+                yield torch.from_numpy(local.rows).to(self.device)
+            return
         pairs = self.train_pairs()
         order = torch.randperm(len(pairs), generator=generator(self.cfg.train.seed, epoch))
         bs = self.cfg.train.batch_size
-        for start in range(0, len(pairs), bs):
-            global_batch = pairs[order[start:start + bs]]
-            yield global_batch[self.rank::self.world].to(self.device)
+        for step, begin in enumerate(range(0, len(pairs), bs)):
+            if step >= total:
+                return
+            if step >= start:
+                global_batch = pairs[order[begin:begin + bs]]
+                yield global_batch[self.rank::self.world].to(self.device)
 
     # -- hooks --------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, module: nn.Module, phase: Phase) -> None:
         module.model.resample_noise(epoch, self.cfg.train.seed)
+        if self.table is not None:
+            set_structure_noise_stats(module.model, self.table)
         if phase.name != "iterative":
             return
         a = self.acfg
@@ -169,15 +204,14 @@ class AlignmentTask:
 
     def _refresh_candidates(self, module: AlignmentModule) -> None:
         """Mutual CSLS nearest neighbours among entities not yet linked (no valid/test knowledge)."""
-        g = module.graph
+        kg = module.inputs.kg().cpu()
         linked = torch.cat([self.links["train"].flatten(), self.links["valid"].flatten(), self.pseudo.flatten()])
-        free = torch.ones(len(g.ids), dtype=torch.bool)
+        free = torch.ones(len(kg), dtype=torch.bool)
         free[linked] = False
-        kg = g.kg.cpu()
         left, right = torch.nonzero(free & (kg == 0)).flatten(), torch.nonzero(free & (kg == 1)).flatten()
         ids = torch.cat([left, right])
         sub = module.embed(ids.to(self.device), self.cfg.eval.chunk_size).cpu()
-        emb = torch.zeros(len(g.ids), sub.shape[1])
+        emb = torch.zeros(len(kg), sub.shape[1])
         emb[ids] = sub
         new = mutual_nearest_pairs(emb, left, right, self.acfg.csls_k, self.cfg.eval.chunk_size)
         if len(self._candidates):  # keep pairs that stayed mutual since the last refresh
@@ -194,7 +228,10 @@ class AlignmentTask:
         shard = QueryShard(self.comm.rank, self.comm.world_size)
         lo, hi = shard.bounds(len(ids))
         part = ids[lo:hi] if hi > lo else ids[:1]  # an empty shard still joins the gather
-        mine = module.embed(part.to(self.device), self.cfg.eval.chunk_size)[: hi - lo]
+        rounds = module.embed_rounds(len(part), self.cfg.eval.chunk_size)
+        if self.comm.active:  # a sharded table exchanges rows on every call: the same count on every rank
+            rounds = max(int(v) for v in self.comm.gather_rows(torch.tensor([rounds])).tolist())
+        mine = module.embed(part.to(self.device), self.cfg.eval.chunk_size, rounds)[: hi - lo]
         emb = self.comm.gather_rows(mine).cpu()
         local = torch.searchsorted(ids, links)
         ranks = alignment_ranks(emb, local, self.acfg.csls_k, self.cfg.eval.chunk_size,

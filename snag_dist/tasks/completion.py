@@ -43,34 +43,42 @@ validation triples that are training triples are dropped first (88% of DB15K's p
 split: they measure memorisation). Every rank evaluates all queries unless the engine sets
 `reduce_sum` (an all-reduce of the rank sums), in which case each ranks 1/world of them.
 
-Every rank reads all training triples, permutes them with the (seed, epoch) generator and takes its
-slice of each global batch (equal step counts on every rank); negatives use a (seed, epoch, rank)
-generator. Legend: B batch, G negative groups, C positives per group, K negatives, U unique entities,
+Batches: on the full path every rank reads all training triples, permutes them with the (seed, epoch)
+generator and takes its slice of each global batch (equal step counts on every rank); negatives use a
+(seed, epoch, rank) generator. On the stream path (``data.mode``) each rank reads only its virtual
+splits of the triple shards (``data/epoch_stream.py``), negatives are drawn per split part from a
+(seed, epoch, step, split) generator, and the filters are memory-mapped indexes built once into the
+store folder (no rank holds the training triples). Legend: B batch, G negative groups, C positives per group, K negatives, U unique entities,
 N entities, R relations, H hidden, D complex dimension.
 """
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from snag_dist.config import Config
 from snag_dist.config.schema import CompletionConfig
+from snag_dist.data.epoch_stream import EpochRows
+from snag_dist.data.manifest import sha256_file
 from snag_dist.data.stream import read_all_rows
-from snag_dist.engine.dist import generator
-from snag_dist.engine.loop import Phase
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.eval.filtered import KnownTriples, filtered_rank_stats, metrics_from_stats
 from snag_dist.eval.ranking import QueryShard
-from snag_dist.model.snag import SNAG, build_snag
+from snag_dist.model.snag import SNAG
 from snag_dist.model.spec import STRUCTURE
-from snag_dist.tasks.common import GraphData, load_graph
+from snag_dist.seeding import generator
+from snag_dist.tasks.base import Comm, LocalComm, Phase
+from snag_dist.tasks.inputs import StreamInputs, build_inputs
 
 _EPS = 1e-20  # added under the square root: zero distances keep a finite gradient (a no-op above ~1e-13)
 _COMPILE_WORK = 2e9  # kernel "auto" compiles the ranking from this many query x entity x D terms
@@ -167,6 +175,18 @@ class RotatE(nn.Module):
         a_re, a_im = self.rotate(torch.where(side, t_re, h_re), torch.where(side, t_im, h_im), cos,
                                  torch.where(side, -sin, sin))
         b, (g, k), c = a_re.shape[0], neg_GK.shape, batch.chunk
+        if batch.group is not None:  # parts of several splits: each positive names its group
+            neg_BK = neg_GK[batch.group]
+            if self.norm == "l1":
+                n_re, n_im = (x.contiguous() for x in ent[neg_BK].chunk(2, dim=-1))
+                dist = group_distance(a_re[:, None], a_im[:, None], n_re, n_im)
+            else:
+                dist = l2_distance(torch.cat([a_re, a_im], -1)[:, None], ent[neg_BK])
+            neg = self.margin - dist.view(b, k)
+            if batch.self_valid is None:
+                return pos, neg, None
+            s_re, s_im = torch.where(side, t_re, h_re), torch.where(side, t_im, h_im)
+            return pos, neg, self.margin - pair_distance(a_re, a_im, s_re, s_im, self.norm)
         groups = max(g, self.groups)
         neg_GK = F.pad(neg_GK, (0, 0, 0, groups - g))  # padded rows score entity rows 0, then are cut
         a_re, a_im = (F.pad(x, (0, 0, 0, groups * c - b)).view(groups, c, -1) for x in (a_re, a_im))
@@ -205,10 +225,28 @@ class CompletionBatch:
     valid: torch.Tensor  # (B, K) bool: False for a negative that forms a known training triple
     chunk: int  # C
     self_valid: torch.Tensor | None = None  # (B,) bool: the kept entity scores as a self negative
+    group: torch.Tensor | None = None  # (B,) negative group of each positive when not i // chunk
 
     def to(self, device: torch.device) -> CompletionBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return CompletionBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+
+    @staticmethod
+    def concat(parts: list[CompletionBatch]) -> CompletionBatch:
+        """One batch of several parts (the stream's splits), each with its own negative groups."""
+        if len(parts) == 1:
+            return parts[0]
+        chunk = parts[0].chunk
+        group, offset = [], 0
+        for p in parts:
+            group.append(torch.arange(len(p.triples)) // chunk + offset)
+            offset += p.negatives.shape[0]
+        group_B = torch.cat(group)
+        plain = bool(torch.equal(group_B, torch.arange(len(group_B)) // chunk))
+        self_valid = None if parts[0].self_valid is None else torch.cat([p.self_valid for p in parts])
+        return CompletionBatch(torch.cat([p.triples for p in parts]), torch.cat([p.head_side for p in parts]),
+                               torch.cat([p.negatives for p in parts]), torch.cat([p.valid for p in parts]),
+                               chunk, self_valid, None if plain else group_B)
 
 
 def head_probability(train_T3: torch.Tensor, num_relations: int) -> torch.Tensor:
@@ -249,17 +287,12 @@ class CompletionModule(nn.Module):
         if ccfg.entity_residual:
             self.residual = nn.Embedding(model.spec.num_entities, 2 * dim)
             nn.init.zeros_(self.residual.weight)
-        self.graph: GraphData | None = None  # set by the task; plain attribute, never broadcast
+        self.inputs = None  # set by the task (tasks/inputs.py); plain attribute, never broadcast
         self.last_weights: torch.Tensor | None = None
 
     def entity_vectors(self, ids_U: torch.Tensor) -> torch.Tensor:
         """(U, 2D) RotatE vectors of the fused representations of ``ids_U``."""
-        g = self.graph
-        if any(enc.uses_graph for enc in self.model.encoders.values()):
-            out = self.model(g.ids, g.features, g.present, g.edge_index, out_index=ids_U)
-        else:  # no graph encoder: only these rows are read, noised, encoded and fused
-            feats = {k: v[ids_U] for k, v in g.features.items() if k in self.model.encoders}
-            out = self.model(ids_U, feats, g.present[ids_U])
+        out = self.inputs.encode(self.model, ids_U)
         self.last_weights = out.modality_weights.detach().mean(0)
         if self.ccfg.readout == "graph":
             readout = out.hidden_stack[:, out.modalities.index(STRUCTURE)]
@@ -291,11 +324,11 @@ class CompletionModule(nn.Module):
         return losses
 
     @torch.no_grad()
-    def entity_table(self, chunk: int) -> torch.Tensor:
-        """(N, 2D) clean (eval-mode) vectors of every entity, encoded ``chunk`` at a time."""
+    def entity_table(self, chunk: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, 2D) clean (eval-mode) vectors of every entity (or of ``ids``), encoded ``chunk`` at a time."""
         was_training = self.training
         self.eval()
-        ids = self.graph.ids
+        ids = torch.arange(self.inputs.num_entities) if ids is None else ids
         table = torch.cat([self.entity_vectors(ids[a:a + chunk]) for a in range(0, len(ids), chunk)]).float()
         self.train(was_training)
         return table
@@ -361,60 +394,104 @@ class RotatEScorer:
 class CompletionTask:
     metric = "mrr"
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None) -> None:
+    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                 comm: Comm | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.comm = comm or LocalComm()
         self.ccfg = cfg.task.completion
+        self.device = device or torch.device("cpu")
         root = Path(cfg.data.shards)
-        manifest, spec, graph = load_graph(root, cfg.data.store_dir)
+        manifest, spec, model, self.inputs = build_inputs(cfg, self.comm, self.device, "triples/train")
         if manifest.task != "completion":
             raise DataError(f"{root}: shards are for '{manifest.task}', config task is completion")
+        self.stream = isinstance(self.inputs, StreamInputs)
+        self.table = self.inputs.table  # row-sharded structure table (stream) or None
         self.num_entities, self.num_relations = manifest.num_entities, manifest.num_relations
+        splits = ("valid", "test") if self.stream else ("train", "valid", "test")
         self.triples = {s: torch.from_numpy(read_all_rows(root, f"triples/{s}")) if f"triples/{s}" in manifest.shards
-                        else torch.zeros(0, 3, dtype=torch.long) for s in ("train", "valid", "test")}
-        if len(self.triples["train"]) == 0:
+                        else torch.zeros(0, 3, dtype=torch.long) for s in splits}
+        if "triples/train" not in manifest.shards or not manifest.shards["triples/train"]:
             raise DataError(f"{root}: no training triples")
-        model = build_snag(cfg.model, cfg.noise if cfg.noise.enabled else None, spec)
         self.module = CompletionModule(model, self.ccfg, self.num_relations)
-        self.device = device or torch.device("cpu")
-        self.module.graph = graph.to(self.device)
-        train = self.triples["train"]
-        self.train_known = KnownTriples(train, self.num_entities, self.num_relations)
-        self.known = KnownTriples(torch.cat(list(self.triples.values())), self.num_entities, self.num_relations)
+        self.module.inputs = self.inputs
+        local = math.ceil(cfg.train.batch_size / world_size)
+        self.chunk = min(self.ccfg.negative_chunk, local)
+        if self.stream:
+            self.rows = EpochRows(root, "triples/train", batch_size=cfg.train.batch_size, rank=rank,
+                                  world_size=world_size, splits=cfg.data.stream_splits, workers=cfg.data.num_workers,
+                                  seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+            self.chunk = min(self.ccfg.negative_chunk, self.rows.part)
+            self.rows = EpochRows(root, "triples/train", batch_size=cfg.train.batch_size, rank=rank,
+                                  world_size=world_size, splits=cfg.data.stream_splits, workers=cfg.data.num_workers,
+                                  seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, align=self.chunk)
+            self.train_known, self.known, self.p_head = triple_index(root, cfg.data.store_dir, manifest, self.comm,
+                                                                     self.ccfg.corruption)
+        else:
+            train = self.triples["train"]
+            self.train_known = KnownTriples(train, self.num_entities, self.num_relations)
+            self.known = KnownTriples(torch.cat(list(self.triples.values())), self.num_entities, self.num_relations)
+            self.p_head = (head_probability(train, self.num_relations) if self.ccfg.corruption == "bernoulli"
+                           else torch.full((self.num_relations,), 0.5))
         if self.ccfg.dedupe_valid and len(self.triples["valid"]):
             # A validation triple that is also a training triple measures memorisation, not completion
             # (DB15K's published valid split is 88% training triples); it stays in the filter.
             v = self.triples["valid"]
             self.triples["valid"] = v[~self.train_known.contains(v[:, 0], v[:, 1], v[:, 2])]
-        self.p_head = (head_probability(train, self.num_relations) if self.ccfg.corruption == "bernoulli"
-                       else torch.full((self.num_relations,), 0.5))
         # Set by an engine that can all-reduce: evaluation then ranks 1/world of the queries per rank.
-        self.reduce_sum = None
+        self.reduce_sum = self.comm.reduce_sum if self.comm.active else None
         # Every step uses the same (groups, chunk) shape, the last batch padded: one compilation.
-        local = math.ceil(cfg.train.batch_size / world_size)
-        self.chunk = min(self.ccfg.negative_chunk, local)
         self.module.rotate.groups = math.ceil(local / self.chunk)
         steps = self.steps_per_epoch() * cfg.train.epochs
         kernel = self.ccfg.kernel
         self.module.rotate.kernel = DistanceKernel(kernel == "compiled" or (kernel == "auto" and steps >= _COMPILE_STEPS))
+
+    def attach(self, comm: Comm) -> None:
+        """Collectives are injected at construction (``comm=``); kept for the TrainTask protocol."""
+        self.comm = comm
+        self.reduce_sum = comm.reduce_sum if comm.active else None
 
     # -- schedule -----------------------------------------------------------------------------
     def phases(self, epochs: int) -> list[Phase]:
         return [Phase("base", epochs)]
 
     def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(len(self.triples["train"]) / self.cfg.train.batch_size))
+        if self.stream:
+            steps = self.rows.steps(0)
+        else:
+            steps = max(1, math.ceil(len(self.triples["train"]) / self.cfg.train.batch_size))
+        cap = self.cfg.train.steps_per_epoch
+        return min(steps, cap) if cap else steps
 
-    def batches(self, epoch: int) -> Iterator[CompletionBatch]:
+    def batches(self, epoch: int, start: int = 0) -> Iterator[CompletionBatch]:
+        if self.stream:
+            yield from self._stream_batches(epoch, start)
+            return
         train = self.triples["train"]
         order = torch.randperm(len(train), generator=generator(self.cfg.train.seed, epoch))
         neg_gen = generator(self.cfg.train.seed, epoch, self.rank)
         bs = self.cfg.train.batch_size
-        for start in range(0, len(train), bs):
-            global_batch = train[order[start:start + bs]]
+        for step, begin in enumerate(range(0, len(train), bs)):
+            if step >= self.steps_per_epoch():
+                return
+            global_batch = train[order[begin:begin + bs]]
             local = global_batch[self.rank::self.world]
             if len(local) == 0:  # last global batch smaller than the world: keep step counts equal
                 local = global_batch[-1:]
-            yield self.make_batch(local, neg_gen).to(self.device)
+            batch = self.make_batch(local, neg_gen)  # drawn even when skipped: same negatives after a resume
+            if step >= start:
+                yield batch.to(self.device)
+
+    def _stream_batches(self, epoch: int, start: int) -> Iterator[CompletionBatch]:
+        """This rank's splits' parts; negatives seeded by (seed, epoch, step, split), so a part draws
+        the same negatives whichever process reads it."""
+        seed, total = self.cfg.train.seed, self.steps_per_epoch()
+        for step, local in enumerate(self.rows.local_steps(epoch, start), start=start):
+            if step >= total:
+                return
+            parts = [self.make_batch(torch.from_numpy(rows), generator(seed, epoch, step, split))
+                     for split, rows in zip(local.splits, local.parts) if len(rows)]
+            self.inputs.set_position(epoch, step)
+            yield CompletionBatch.concat(parts).to(self.device)
 
     def make_batch(self, triples_B3: torch.Tensor, gen: torch.Generator) -> CompletionBatch:
         b, k, chunk = len(triples_B3), self.ccfg.negatives, self.chunk
@@ -436,26 +513,91 @@ class CompletionTask:
     # -- hooks --------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, module: nn.Module, phase: Phase) -> None:
         module.model.resample_noise(epoch, self.cfg.train.seed)
+        if self.table is not None:
+            set_structure_noise_stats(module.model, self.table)
 
     def evaluate(self, module: CompletionModule, split: str) -> dict[str, float]:
         triples = self.triples[split]
         if len(triples) == 0:
             extra = " not in train (task.completion.dedupe_valid)" if split == "valid" and self.ccfg.dedupe_valid else ""
             raise DataError(f"no '{split}' triples{extra} to evaluate on")
-        table = module.entity_table(self.cfg.eval.chunk_size)
+        table = self._entity_table(module)
         n, d = self.num_entities, module.rotate.dim
         kernel = self.ccfg.kernel
         compiled = kernel == "compiled" or (kernel == "auto" and 2.0 * len(triples) * n * d >= _COMPILE_WORK)
         scorer = RotatEScorer(module.rotate, table, compiled)
         # Queries per chunk: eval.chunk_size, capped so one (chunk, N) score block stays near 256 MB.
         chunk = max(1, min(self.cfg.eval.chunk_size, (1 << 26) // n))
-        shard = QueryShard(self.rank, self.world) if self.reduce_sum is not None and self.world > 1 else None
+        shard = QueryShard(self.comm.rank, self.comm.world_size) if self.reduce_sum is not None else None
         stats = filtered_rank_stats(scorer, triples, self.known, chunk, "realistic", shard=shard)
         if shard is not None:
             stats = {key: self.reduce_sum(value) for key, value in stats.items()}
         return metrics_from_stats(stats)
 
+    def _entity_table(self, module: CompletionModule) -> torch.Tensor:
+        """(N, 2D) vectors of every entity; on the stream path each rank encodes its id range and
+        the ranges are gathered (every rank calls the sharded table the same number of times)."""
+        if not self.stream or not self.comm.active:
+            return module.entity_table(self.cfg.eval.chunk_size)
+        from snag_dist.data.store import partition_range
+
+        lo, hi = partition_range(self.num_entities, self.comm.rank, self.comm.world_size)
+        chunk = self.cfg.eval.chunk_size
+        spans = [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
+        rounds = max(int(v) for v in self.comm.gather_rows(torch.tensor([len(spans)])).tolist())
+        parts = []
+        for i in range(rounds):  # equal call counts on every rank (the table exchanges rows)
+            a, b = spans[i] if i < len(spans) else (lo, min(lo + 1, hi))
+            rows = module.entity_table(chunk, torch.arange(a, b))
+            if i < len(spans):
+                parts.append(rows)
+        mine = torch.cat(parts) if parts else torch.zeros(0, 2 * module.rotate.dim)
+        return self.comm.gather_rows(mine)
+
     def epoch_stats(self, module: CompletionModule) -> dict[str, object]:
         if module.last_weights is None:
             return {}
         return {"modality_weights": dict(zip(module.model.modalities, module.last_weights.tolist()))}
+
+
+def set_structure_noise_stats(model: SNAG, table) -> None:
+    """GMNM's structure statistics from the sharded table (the full path takes them from its
+    nn.Embedding in ``resample_noise``): per-dimension mean/std summed over every rank's rows."""
+    noise = model.noise
+    if noise is None or STRUCTURE not in noise.names:
+        return
+    mean, std = table.moments()
+    noise.set_stats(STRUCTURE, mean, std)
+
+
+def triple_index(root: Path, store_dir: str, manifest, comm: Comm, corruption: str,
+                 ) -> tuple[KnownTriples, KnownTriples, torch.Tensor]:
+    """The stream path's filters, built once into the store folder by rank 0 (holding the triples
+    for the build only) and memory-mapped by every rank: training triples (negative filter),
+    all known triples (evaluation filter), and the Bernoulli head probability per relation."""
+    base = Path(store_dir) if store_dir else root / ".store"
+    folder = base / "known"
+    stamp = sha256_file(root / "manifest.json")
+    meta = folder / "stamp.txt"
+    if comm.rank == 0 and not (meta.is_file() and meta.read_text() == stamp):
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = base / f".known.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "train").mkdir(parents=True)
+        (tmp / "all").mkdir()
+        n, r = manifest.num_entities, manifest.num_relations
+        train = torch.from_numpy(read_all_rows(root, "triples/train"))
+        KnownTriples(train, n, r).save(tmp / "train")
+        np.save(tmp / "p_head.npy", head_probability(train, r).numpy())
+        rest = [torch.from_numpy(read_all_rows(root, f"triples/{s}")) for s in ("valid", "test")
+                if f"triples/{s}" in manifest.shards]
+        KnownTriples(torch.cat([train, *rest]), n, r).save(tmp / "all")
+        del train, rest
+        (tmp / "stamp.txt").write_text(stamp)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    comm.reduce_sum(torch.zeros(1))  # the others wait for rank 0's build
+    p_head = torch.from_numpy(np.load(folder / "p_head.npy"))
+    if corruption != "bernoulli":
+        p_head = torch.full_like(p_head, 0.5)
+    return KnownTriples.load(folder / "train"), KnownTriples.load(folder / "all"), p_head

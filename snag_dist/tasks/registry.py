@@ -1,4 +1,7 @@
-"""Task name -> builder ``(cfg, rank, world_size, device) -> TrainTask``."""
+"""Task name -> builder ``(cfg, rank, world_size, device, comm=None) -> TrainTask``.
+
+``comm`` (``tasks.base.Comm``) is the one injection point of collectives: the engine passes its
+``Collectives``; without it a task runs as one process."""
 
 from __future__ import annotations
 
@@ -8,14 +11,14 @@ TASKS: Registry = Registry("task")
 
 
 @TASKS.register("alignment")
-def _alignment(cfg, rank, world_size, device):
+def _alignment(cfg, rank, world_size, device, comm=None):
     from snag_dist.tasks.alignment import AlignmentTask
 
-    return AlignmentTask(cfg, rank, world_size, device)
+    return AlignmentTask(cfg, rank, world_size, device, comm=comm)
 
 
 @TASKS.register("completion")
-def _completion(cfg, rank, world_size, device):
+def _completion(cfg, rank, world_size, device, comm=None):
     from snag_dist.tasks.completion import CompletionTask
 
-    return CompletionTask(cfg, rank, world_size, device)
+    return CompletionTask(cfg, rank, world_size, device, comm=comm)

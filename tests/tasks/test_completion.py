@@ -170,8 +170,8 @@ def test_entity_residual_starts_at_zero_and_learns_only_the_batch_rows(mini_shar
     ids = torch.arange(10)
     module.residual.weight.data[3] = 1.0  # the table is added to the projected fused vector, row by row
     with torch.no_grad():
-        base = module.projection(module.model(ids, {k: v[ids] for k, v in module.graph.features.items()},
-                                              module.graph.present[ids]).hidden_stack[:, 0])
+        base = module.projection(module.model(ids, {k: v[ids] for k, v in module.inputs.graph.features.items()},
+                                              module.inputs.graph.present[ids]).hidden_stack[:, 0])
         got = module.entity_vectors(ids)
     assert torch.allclose(got - base, module.residual.weight[ids]) and plain.module.residual is None
     module.residual.weight.data.zero_()

@@ -1,0 +1,205 @@
+"""Where a task's model inputs come from: the whole graph in memory, or per batch from the shards.
+
+Both paths share the model and the task code; they differ only in how the rows a step asks for are
+produced (``encode(model, ids) -> SnagOutput`` for the entities ``ids``):
+
+* ``FullGraphInputs`` (``data.mode=full``, small graphs): every rank holds every entity's features,
+  the training graph and the structure table (an ``nn.Embedding`` inside the model, data-parallel);
+  the GAT runs on the whole graph (cut to the receptive field of the batch when that is small).
+* ``StreamInputs`` (``data.mode=stream``): features of the batch's rows are read from the
+  memory-mapped feature store, the structure rows are fetched from the row-sharded table
+  (``model/sharded_table.py``), and the GAT runs on a seeded fan-out-sampled k-hop subgraph of the
+  batch read from the memory-mapped CSR graph. A step costs O(batch x fan-out^k), not O(N).
+
+``data.mode=auto`` picks full when the full-graph estimate (``full_graph_bytes``) fits
+``data.full_max_gib`` per process, else stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file
+
+from snag_dist.config import Config
+from snag_dist.data.graph_store import GraphStore
+from snag_dist.data.manifest import STATS, Manifest, load_manifest
+from snag_dist.data.store import FeatureStore
+from snag_dist.data.stream import read_all_rows
+from snag_dist.errors import ConfigError
+from snag_dist.model.encoders import init_std
+from snag_dist.model.sampling import sample_subgraph
+from snag_dist.model.sharded_table import ShardedTable
+from snag_dist.model.snag import SNAG, SnagOutput, build_snag
+from snag_dist.model.spec import STRUCTURE, ModalitySpec, ModelSpec
+from snag_dist.seeding import stable_seed
+from snag_dist.tasks.base import Comm
+
+
+def model_spec(root: Path, manifest: Manifest) -> ModelSpec:
+    """Feature modalities with their per-dimension mean/std (what GMNM draws noise from)."""
+    stats = load_file(str(root / STATS))
+    mods = tuple(
+        ModalitySpec(name, info.dim, torch.from_numpy(stats[f"{name}.mean"]), torch.from_numpy(stats[f"{name}.std"]))
+        for name, info in manifest.modalities.items()
+    )
+    return ModelSpec(manifest.num_entities, mods)
+
+
+def full_graph_bytes(manifest: Manifest, cfg: Config, rows_group: str) -> int:
+    """Per-process bytes the full path holds: float32 features of every entity, the structure table
+    with its gradient and two Adam moments (4 copies), and the training rows as int64 (+ edges)."""
+    n = manifest.num_entities
+    feats = sum(info.dim for info in manifest.modalities.values()) * 4 * n
+    table = 4 * 4 * cfg.model.hidden * n
+    rows = sum(s.rows for s in manifest.shards.get(rows_group, [])) * 8 * 5
+    return feats + table + rows
+
+
+def resolve_mode(cfg: Config, manifest: Manifest, rows_group: str) -> str:
+    if cfg.data.mode != "auto":
+        return cfg.data.mode
+    return "full" if full_graph_bytes(manifest, cfg, rows_group) <= cfg.data.full_max_gib * 2**30 else "stream"
+
+
+# -- full graph ------------------------------------------------------------------------------------
+@dataclass
+class GraphData:
+    """Whole-graph inputs of a small/medium MMKG held on the training device.
+
+    ids (N,), features {m: (N, D)}, present (N, M_spec) bool, edge_index (2, T) head -> tail.
+    """
+
+    ids: torch.Tensor
+    features: dict[str, torch.Tensor]
+    present: torch.Tensor
+    edge_index: torch.Tensor
+    kg: torch.Tensor
+
+    def to(self, device: torch.device) -> GraphData:
+        return GraphData(self.ids.to(device), {k: v.to(device) for k, v in self.features.items()},
+                         self.present.to(device), self.edge_index.to(device), self.kg.to(device))
+
+
+def load_graph(root: Path, store_dir: str = "") -> GraphData:
+    manifest = load_manifest(root)
+    table = FeatureStore.open(root, store_dir or None).all()
+    triples = read_all_rows(root, "triples/train")
+    edge_index = torch.from_numpy(np.ascontiguousarray(triples[:, [0, 2]].T))
+    return GraphData(torch.arange(manifest.num_entities), table["features"], table["mask"], edge_index,
+                     table["kg"])
+
+
+class FullGraphInputs:
+    """Every entity in memory; the model sees the whole graph."""
+
+    table = None  # the structure table is the model's own nn.Embedding
+
+    def __init__(self, graph: GraphData) -> None:
+        self.graph = graph
+        self.num_entities = len(graph.ids)
+
+    def kg(self) -> torch.Tensor:
+        return self.graph.kg
+
+    def set_position(self, epoch: int, step: int) -> None:
+        return None
+
+    def encode(self, model: SNAG, ids: torch.Tensor) -> SnagOutput:
+        g = self.graph
+        if any(enc.uses_graph for enc in model.encoders.values()):
+            return model(g.ids, g.features, g.present, g.edge_index, out_index=ids)
+        # no graph encoder: only these rows are read, noised, encoded and fused
+        feats = {k: v[ids] for k, v in g.features.items() if k in model.encoders}
+        return model(ids, feats, g.present[ids])
+
+    def embed_chunk(self, chunk: int) -> int:
+        # Every model call reruns the whole-graph GAT: chunks of at least N rows mean one GAT pass.
+        return max(chunk, self.num_entities)
+
+
+# -- stream ------------------------------------------------------------------------------------
+def check_fanout(fanout: list[int], layers: int) -> list[int]:
+    if len(fanout) != layers:
+        raise ConfigError(f"model.gat_fanout={fanout} needs one value per GAT layer (model.gat_layers={layers})")
+    bad = [f for f in fanout if f == 0 or f < -1]
+    if bad:
+        raise ConfigError(f"model.gat_fanout={fanout}: {bad[0]} neighbours cannot work; use >= 1 or -1 (all)")
+    return list(fanout)
+
+
+def open_stores(root: Path, store_dir: str, comm: Comm, graph: bool) -> tuple[FeatureStore, GraphStore | None]:
+    """The memory-mapped feature store and CSR graph, built once: rank 0 builds, the others wait
+    (a reduce is the barrier) and open what it wrote."""
+    def build() -> tuple[FeatureStore, GraphStore | None]:
+        return FeatureStore.open(root, store_dir or None), (GraphStore.open(root, store_dir or None) if graph else None)
+
+    if comm.rank == 0:
+        stores = build()
+    comm.reduce_sum(torch.zeros(1))
+    if comm.rank != 0:
+        stores = build()
+    return stores
+
+
+class StreamInputs:
+    """Per-batch rows: features from the memory-mapped store, structure rows from the sharded table,
+    the GAT on a sampled subgraph. Sampling is keyed by (seed, epoch, step) in training and by a
+    fixed key in evaluation, so every process draws the same subgraph for an entity."""
+
+    def __init__(self, store: FeatureStore, graph: GraphStore | None, table: ShardedTable | None,
+                 fanout: list[int], seed: int, device: torch.device) -> None:
+        self.store, self.graph, self.table = store, graph, table
+        self.fanout, self.seed, self.device = fanout, seed, device
+        self.num_entities = store.stop - store.start
+        self._key = stable_seed("sample", seed, 0, 0)
+
+    def kg(self) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.store.kg))
+
+    def set_position(self, epoch: int, step: int) -> None:
+        self._key = stable_seed("sample", self.seed, epoch, step)
+
+    def encode(self, model: SNAG, ids: torch.Tensor) -> SnagOutput:
+        ids_cpu = ids.cpu()
+        looked = self.store.lookup(ids_cpu.numpy())
+        feats = {k: v.to(self.device) for k, v in looked["features"].items() if k in model.encoders}
+        sampled = None
+        if STRUCTURE in model.encoders:
+            encoder = model.encoders[STRUCTURE]
+            if encoder.uses_graph:
+                key = self._key if model.training else stable_seed("sample-eval", self.seed)
+                sampled = sample_subgraph(self.graph.indptr, self.graph.indices, ids_cpu, self.fanout, key)
+                sampled = sampled.to(self.device) if hasattr(sampled, "to") else sampled
+                feats[STRUCTURE] = self.table.rows(sampled.nodes)
+            else:
+                feats[STRUCTURE] = self.table.rows(ids_cpu)
+            feats[STRUCTURE] = feats[STRUCTURE].to(self.device)
+        return model.forward_rows(ids.to(self.device), feats, looked["mask"].to(self.device), sampled)
+
+    def embed_chunk(self, chunk: int) -> int:
+        return chunk
+
+
+def build_inputs(cfg: Config, comm: Comm, device: torch.device, rows_group: str
+                 ) -> tuple[Manifest, ModelSpec, SNAG, FullGraphInputs | StreamInputs]:
+    """The model and its input path for ``cfg.data.mode`` (``auto`` resolved by ``resolve_mode``)."""
+    root = Path(cfg.data.shards)
+    manifest = load_manifest(root)
+    spec = model_spec(root, manifest)
+    stream = resolve_mode(cfg, manifest, rows_group) == "stream"
+    model = build_snag(cfg.model, cfg.noise if cfg.noise.enabled else None, spec, stream=stream)
+    if not stream:
+        return manifest, spec, model, FullGraphInputs(load_graph(root, cfg.data.store_dir).to(device))
+    encoder = model.encoders[STRUCTURE] if STRUCTURE in model.encoders else None
+    uses_graph = encoder is not None and encoder.uses_graph
+    fanout = check_fanout(list(cfg.model.gat_fanout), cfg.model.gat_layers) if uses_graph else []
+    store, graph = open_stores(root, cfg.data.store_dir, comm, uses_graph)
+    table = None
+    if encoder is not None:
+        table = ShardedTable(manifest.num_entities, cfg.model.hidden, comm, cfg.train.seed,
+                             init_std(manifest.num_entities), cfg.train.lr * cfg.train.embedding_lr_scale, device)
+    return manifest, spec, model, StreamInputs(store, graph, table, fanout, cfg.train.seed, device)
