@@ -153,7 +153,8 @@ class TrainConfig:
     grad_clip: Annotated[float, Field(ge=0.0)] = doc(1.0, "max gradient norm (0 = off)")
     grad_accum: PosInt = doc(1, "gradient accumulation steps")
     seed: int = doc(42, "seed for every random choice (combined with epoch and rank)")
-    eval_every: PosInt = doc(10, "epochs between validation evaluations")
+    eval_every: NonNegInt = doc(10, "epochs between validation evaluations (0 = none: no selection, the last "
+                                "weights are tested; for throughput runs)")
     patience: NonNegInt = doc(0, "evaluations without improvement before early stopping (0 = off)")
     checkpoint_every: NonNegInt = doc(0, "epochs between checkpoints (0 = only at the end)")
     checkpoint_every_steps: NonNegInt = doc(0, "optimizer steps between mid-epoch checkpoints (0 = off)")

@@ -90,6 +90,12 @@ class EpochRows:
             load[v] += self.rows_per_shard[i]
         return out
 
+    def global_rows(self, epoch: int) -> list[int]:
+        """Rows of every step's global batch (all splits), for losses normalised by the global batch."""
+        loads = [sum(self.rows_per_shard[i] for i in shards) for shards in self.assignment(epoch)]
+        steps = max(1, max(math.ceil(n / self.part) for n in loads))
+        return [sum(min(self.part, max(0, n - k * self.part)) for n in loads) for k in range(steps)]
+
     def steps(self, epoch: int = 0) -> int:
         loads = [sum(self.rows_per_shard[i] for i in shards) for shards in self.assignment(epoch)]
         return max(1, max(math.ceil(n / self.part) for n in loads))

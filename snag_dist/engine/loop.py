@@ -9,6 +9,7 @@ split is evaluated once per phase, on the best weights.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -172,12 +173,17 @@ class Trainer:
         t0 = time.perf_counter()
         total = self.task.steps_per_epoch()
         every = self.cfg.checkpoint_every_steps * self.cfg.grad_accum
-        batches = self.task.batches(epoch, self.state.step)
+        batches = iter(self.task.batches(epoch, self.state.step))
         rows, t_rows = 0, time.perf_counter()
         bar = self._step_bar(epoch, total)
-        for step, batch in enumerate(batches, start=self.state.step):
-            if self._out_of_steps():
+        step_times, wait = [], 0.0
+        step = self.state.step
+        while not self._out_of_steps():
+            t_step = time.perf_counter()
+            batch = next(batches, None)  # the time spent here is the data wait
+            if batch is None:
                 break
+            wait += time.perf_counter() - t_step
             with self.backend.autocast():
                 losses = self.module(batch)
             loss = losses["loss"]
@@ -195,6 +201,10 @@ class Trainer:
             if boundary:
                 self.state.global_step += 1
             rows += batch_rows(batch)
+            step_times.append(time.perf_counter() - t_step)
+            if _FIRST_STEP[0] is None:
+                _FIRST_STEP[0] = time.time()
+            step += 1
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0 or step + 1 == total:
@@ -209,6 +219,13 @@ class Trainer:
         self.state.step, self.state.sums = 0, {}
         record["seconds"] = time.perf_counter() - t0
         record["steps"] = steps
+        if step_times:  # medians skip the first steps (compilation, cold page cache)
+            warm = step_times[min(3, len(step_times) - 1):]
+            record["step_seconds"] = statistics.median(warm)
+            record["data_wait_share"] = wait / max(1e-9, sum(step_times))
+        if _FIRST_STEP[0] is not None and not _FIRST_STEP[1]:
+            _FIRST_STEP[1] = True  # once per process: seconds from process start to the first step's end
+            record["time_to_first_step"] = _FIRST_STEP[0] - _process_start()
         record["rows_per_s"] = self.backend.reduce_mean(rows / max(1e-9, time.perf_counter() - t_rows)
                                                         ) * self.backend.world_size
         record["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -282,7 +299,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", s_per_ep=f"{record['seconds']:.2f}",
                                 best=f"{self.state.best:.4f}")
                 self._last_eval = None
-                if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == end or self._out_of_steps():
+                evaluate = self.cfg.eval_every > 0 and (
+                    (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == end or self._out_of_steps())
+                if evaluate:
                     stop = self._validate(epoch, phase)
                 self.state.epoch += 1
                 saved = None
@@ -300,6 +319,15 @@ class Trainer:
         bar.close()
         self._save(f"epoch_{self.state.epoch}")
         return self.state
+
+
+_FIRST_STEP: list = [None, False]  # wall time the process's first training step ended; reported yet
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def batch_rows(batch: Any) -> int:

@@ -226,6 +226,7 @@ class CompletionBatch:
     chunk: int  # C
     self_valid: torch.Tensor | None = None  # (B,) bool: the kept entity scores as a self negative
     group: torch.Tensor | None = None  # (B,) negative group of each positive when not i // chunk
+    weight: float = 1.0  # loss multiplier: local rows x world / global rows (stream path), 0 for a repeat
 
     def to(self, device: torch.device) -> CompletionBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -246,7 +247,7 @@ class CompletionBatch:
         self_valid = None if parts[0].self_valid is None else torch.cat([p.self_valid for p in parts])
         return CompletionBatch(torch.cat([p.triples for p in parts]), torch.cat([p.head_side for p in parts]),
                                torch.cat([p.negatives for p in parts]), torch.cat([p.valid for p in parts]),
-                               chunk, self_valid, None if plain else group_B)
+                               chunk, self_valid, None if plain else group_B, parts[0].weight)
 
 
 def head_probability(train_T3: torch.Tensor, num_relations: int) -> torch.Tensor:
@@ -321,6 +322,8 @@ class CompletionModule(nn.Module):
             term = -(term * keep).sum() / keep.sum().clamp_min(1.0)
             losses["loss"] = losses["loss"] + self.ccfg.self_negative_weight * term / 2
             losses["self"] = term.detach()
+        if batch.weight != 1.0:  # the data-parallel mean over ranks is then the global batch's mean
+            losses = {k: v * batch.weight for k, v in losses.items()}
         return losses
 
     @torch.no_grad()
@@ -485,13 +488,20 @@ class CompletionTask:
         """This rank's splits' parts; negatives seeded by (seed, epoch, step, split), so a part draws
         the same negatives whichever process reads it."""
         seed, total = self.cfg.train.seed, self.steps_per_epoch()
+        global_rows = self.rows.global_rows(epoch)
         for step, local in enumerate(self.rows.local_steps(epoch, start), start=start):
             if step >= total:
                 return
             parts = [self.make_batch(torch.from_numpy(rows), generator(seed, epoch, step, split))
                      for split, rows in zip(local.splits, local.parts) if len(rows)]
+            batch = CompletionBatch.concat(parts)
+            # Each rank's loss is a mean over its rows; weighting it by its share of the global batch
+            # makes the ranks' mean the global batch's mean (any split sizes), and a repeated part
+            # (a rank whose splits ran dry) count for nothing.
+            rows = len(batch.triples)
+            batch.weight = 0.0 if local.repeated else rows * self.comm.world_size / global_rows[step]
             self.inputs.set_position(epoch, step)
-            yield CompletionBatch.concat(parts).to(self.device)
+            yield batch.to(self.device)
 
     def make_batch(self, triples_B3: torch.Tensor, gen: torch.Generator) -> CompletionBatch:
         b, k, chunk = len(triples_B3), self.ccfg.negatives, self.chunk
