@@ -10,6 +10,7 @@ concurrent ranks on one node race safely (the first rename wins, the others reus
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import tarfile
@@ -172,6 +173,17 @@ class FeatureStore:
             feats[c.name] = torch.from_numpy(out)
         return {"features": feats, "mask": torch.from_numpy(np.asarray(self.mask[local])),
                 "kg": torch.from_numpy(np.asarray(self.kg[local]))}
+
+    def release(self) -> None:
+        """Drop the pages this process has read from its resident set (MADV_DONTNEED on the maps):
+        they stay in the OS page cache, shared by every process on the node, but stop counting in
+        this process's RSS, which otherwise grows towards the whole store as random batches touch it."""
+        arrays = [self.kg, self.mask, *self.dense.values(), *(a for bag in self.bags.values()
+                                                               for a in (bag.indptr, bag.indices, bag.values))]
+        for array in arrays:
+            mapped = getattr(array, "_mmap", None)
+            if mapped is not None and hasattr(mapped, "madvise"):
+                mapped.madvise(mmap.MADV_DONTNEED)
 
     def all(self) -> dict[str, object]:
         """The whole partition (small graphs: full-graph training)."""

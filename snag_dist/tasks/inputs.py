@@ -38,6 +38,8 @@ from snag_dist.model.spec import STRUCTURE, ModalitySpec, ModelSpec
 from snag_dist.seeding import stable_seed
 from snag_dist.tasks.base import Comm
 
+_RELEASE_EVERY = 64  # batches between dropping the memory-mapped stores' pages from the resident set
+
 
 def model_spec(root: Path, manifest: Manifest) -> ModelSpec:
     """Feature modalities with their per-dimension mean/std (what GMNM draws noise from)."""
@@ -156,6 +158,7 @@ class StreamInputs:
         self.fanout, self.seed, self.device = fanout, seed, device
         self.num_entities = store.stop - store.start
         self._key = stable_seed("sample", seed, 0, 0)
+        self._lookups = 0
 
     def kg(self) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.store.kg))
@@ -166,6 +169,11 @@ class StreamInputs:
     def encode(self, model: SNAG, ids: torch.Tensor) -> SnagOutput:
         ids_cpu = ids.cpu()
         looked = self.store.lookup(ids_cpu.numpy())
+        self._lookups += 1
+        if self._lookups % _RELEASE_EVERY == 0:  # keep the mapped pages out of this process's RSS
+            self.store.release()
+            if self.graph is not None:
+                self.graph.release()
         feats = {k: v.to(self.device) for k, v in looked["features"].items() if k in model.encoders}
         sampled = None
         if STRUCTURE in model.encoders:
