@@ -48,7 +48,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_stream(args: argparse.Namespace) -> int:
-    from snag_dist.data.stream_check import run_stream_check
+    from snag_dist.engine.stream_check import run_stream_check
 
     return run_stream_check(args.shards_dir, epochs=args.epochs, workers=args.workers,
                             batch_size=args.batch_size, seed=args.seed, out_json=args.out_json)

@@ -117,9 +117,13 @@ class GraphStore:
             raise DataError(f"node ids outside [0, {self.num_nodes})")
         return self.indptr[ids + 1] - self.indptr[ids]
 
-    def release(self) -> None:
+    def release(self, advice: int = mmap.MADV_DONTNEED) -> None:
         """Drop the pages read so far from this process's resident set (see FeatureStore.release)."""
         for array in (self.indptr, self.indices):
             mapped = getattr(array, "_mmap", None)
             if mapped is not None and hasattr(mapped, "madvise"):
-                mapped.madvise(mmap.MADV_DONTNEED)
+                mapped.madvise(advice)
+
+    def advise_random(self) -> None:
+        """Sampling reads scattered rows: no read-ahead (see FeatureStore.advise_random)."""
+        self.release(mmap.MADV_RANDOM)

@@ -174,16 +174,23 @@ class FeatureStore:
         return {"features": feats, "mask": torch.from_numpy(np.asarray(self.mask[local])),
                 "kg": torch.from_numpy(np.asarray(self.kg[local]))}
 
+    def _maps(self) -> list:
+        arrays = [self.kg, self.mask, *self.dense.values(), *(a for bag in self.bags.values()
+                                                               for a in (bag.indptr, bag.indices, bag.values))]
+        return [m for m in (getattr(a, "_mmap", None) for a in arrays) if m is not None and hasattr(m, "madvise")]
+
+    def advise_random(self) -> None:
+        """Batches read scattered rows: without this, every page fault reads ahead ~128 KiB around
+        it, and a 1M-entity store's resident set grows by ~1 GiB per step."""
+        for mapped in self._maps():
+            mapped.madvise(mmap.MADV_RANDOM)
+
     def release(self) -> None:
         """Drop the pages this process has read from its resident set (MADV_DONTNEED on the maps):
         they stay in the OS page cache, shared by every process on the node, but stop counting in
         this process's RSS, which otherwise grows towards the whole store as random batches touch it."""
-        arrays = [self.kg, self.mask, *self.dense.values(), *(a for bag in self.bags.values()
-                                                               for a in (bag.indptr, bag.indices, bag.values))]
-        for array in arrays:
-            mapped = getattr(array, "_mmap", None)
-            if mapped is not None and hasattr(mapped, "madvise"):
-                mapped.madvise(mmap.MADV_DONTNEED)
+        for mapped in self._maps():
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     def all(self) -> dict[str, object]:
         """The whole partition (small graphs: full-graph training)."""

@@ -52,9 +52,9 @@ def save_checkpoint(folder: Path, model_state: dict, optim_state: dict | None, s
                     task_state: dict[str, torch.Tensor] | None = None,
                     rank_shards: dict[str, torch.Tensor] | None = None, rank: int = 0, is_main: bool = True,
                     barrier: Callable[[], None] | None = None,
-                    rank_files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+                    rank_files: dict[str, list[dict[str, torch.Tensor]]] | None = None) -> Path:
     """Write one checkpoint; with ``barrier`` every rank calls this (rank shards), else rank 0 only.
-    ``rank_files``: per-rank state (e.g. the sharded entity table) written as ``<name>.rank<R>.safetensors``."""
+    ``rank_files``: per-rank state in chunks (the sharded entity table) written as ``<name>.rank<R>.<K>.safetensors``."""
     sync = barrier or (lambda: None)
     final = folder / tag
     tmp = folder / f".{tag}.tmp"
@@ -65,8 +65,9 @@ def save_checkpoint(folder: Path, model_state: dict, optim_state: dict | None, s
     sync()
     if rank_shards:
         save_file(_tensors(rank_shards), str(tmp / f"optim.rank{rank}.safetensors"))
-    for name, tensors in (rank_files or {}).items():
-        save_file(_tensors(tensors), str(tmp / f"{name}.rank{rank}.safetensors"))
+    for name, parts in (rank_files or {}).items():  # a list of row chunks, one file each
+        for k, tensors in enumerate(parts):
+            save_file(_tensors(tensors), str(tmp / f"{name}.rank{rank}.{k}.safetensors"))
     if not is_main:
         sync()
         sync()
@@ -109,10 +110,14 @@ def load_task_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_rank_files(path: Path, name: str) -> list[dict[str, torch.Tensor]]:
-    """Every rank's ``<name>.rank<R>.safetensors`` of a checkpoint, in rank order."""
-    files = sorted(path.glob(f"{name}.rank*.safetensors"), key=lambda p: int(p.name.split(".rank")[1].split(".")[0]))
+    """Every ``<name>.rank<R>.<K>.safetensors`` of a checkpoint (rank R's K-th chunk), in (R, K) order."""
+    def order(p: Path) -> tuple[int, int]:
+        rank, chunk = p.name[len(name) + len(".rank"):].split(".")[:2]
+        return int(rank), int(chunk)
+
+    files = sorted(path.glob(f"{name}.rank*.*.safetensors"), key=order)
     if not files:
-        raise CheckpointError(f"checkpoint {path} has no {name}.rank<R>.safetensors (saved on the full data path?)")
+        raise CheckpointError(f"checkpoint {path} has no {name}.rank<R>.<K>.safetensors (saved on the full data path?)")
     return [_load_optional(f, path) for f in files]
 
 

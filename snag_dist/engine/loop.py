@@ -113,7 +113,7 @@ class Trainer:
         optim = self.optimizer.state_dict() if with_optim and not shards else None
         rng = {f"torch_cpu.rank{r}": rng_all[r] for r in range(rng_all.shape[0])}
         task_state = self.task.state_dict() if hasattr(self.task, "state_dict") else None
-        rank_files = {"table": self.table.state_dict(with_optim)} if self.table is not None else {}
+        rank_files = {"table": self.table.state_chunks(with_optim)} if self.table is not None else {}
         return save_checkpoint(self.ckpt, model_state, optim, state,
                                keep_last=self.cfg.keep_last if tag.startswith("epoch_") else 0, tag=tag, rng=rng,
                                task_state=task_state, rank_shards=shards, rank=self.backend.rank,

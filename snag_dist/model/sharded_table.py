@@ -121,6 +121,22 @@ class ShardedTable:
                           "step": torch.tensor([int(slots["step"])], dtype=torch.long)})
         return state
 
+    def state_chunks(self, with_optim: bool = True, max_bytes: int = 128 << 20) -> list[dict[str, torch.Tensor]]:
+        """``state_dict`` cut into row ranges of at most ~``max_bytes`` (views, no copies): a checkpoint
+        writes them one file each, so saving never holds a second copy of the whole table."""
+        state = self.state_dict(with_optim)
+        per_row = sum(v.shape[1] * v.element_size() for k, v in state.items() if k not in ("range", "step"))
+        rows = max(1, max_bytes // max(1, per_row))
+        chunks = []
+        for a in range(0, max(1, self.stop - self.start), rows):
+            b = min(a + rows, self.stop - self.start)
+            chunk = {k: v[a:b] for k, v in state.items() if k not in ("range", "step")}
+            chunk["range"] = torch.tensor([self.start + a, self.start + b])
+            if "step" in state:
+                chunk["step"] = state["step"]
+            chunks.append(chunk)
+        return chunks
+
     def load_shards(self, shards: list[dict[str, torch.Tensor]]) -> None:
         """Load this rank's range from the saved ranges of any number of ranks (they tile [0, N))."""
         shards = sorted(shards, key=lambda s: int(s["range"][0]))

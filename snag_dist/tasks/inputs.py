@@ -38,7 +38,7 @@ from snag_dist.model.spec import STRUCTURE, ModalitySpec, ModelSpec
 from snag_dist.seeding import stable_seed
 from snag_dist.tasks.base import Comm
 
-_RELEASE_EVERY = 64  # batches between dropping the memory-mapped stores' pages from the resident set
+_RELEASE_EVERY = 4  # batches between dropping the memory-mapped stores' pages from the resident set
 
 
 def model_spec(root: Path, manifest: Manifest) -> ModelSpec:
@@ -155,6 +155,9 @@ class StreamInputs:
     def __init__(self, store: FeatureStore, graph: GraphStore | None, table: ShardedTable | None,
                  fanout: list[int], seed: int, device: torch.device) -> None:
         self.store, self.graph, self.table = store, graph, table
+        store.advise_random()
+        if graph is not None:
+            graph.advise_random()
         self.fanout, self.seed, self.device = fanout, seed, device
         self.num_entities = store.stop - store.start
         self._key = stable_seed("sample", seed, 0, 0)
@@ -202,6 +205,9 @@ def build_inputs(cfg: Config, comm: Comm, device: torch.device, rows_group: str
     model = build_snag(cfg.model, cfg.noise if cfg.noise.enabled else None, spec, stream=stream)
     if not stream:
         return manifest, spec, model, FullGraphInputs(load_graph(root, cfg.data.store_dir).to(device))
+    if cfg.engine.precision == "fp16":
+        raise ConfigError("engine.precision=fp16 with data.mode=stream: the sharded table's sparse gradients "
+                          "are not loss-unscaled; use bf16 (or data.mode=full)")
     encoder = model.encoders[STRUCTURE] if STRUCTURE in model.encoders else None
     uses_graph = encoder is not None and encoder.uses_graph
     fanout = check_fanout(list(cfg.model.gat_fanout), cfg.model.gat_layers) if uses_graph else []

@@ -54,8 +54,8 @@ def test_two_processes_with_a_sharded_table_train_what_one_does(stream_shards, o
     run(torchrun(2, _cli(stream_shards, out, (f"engine.backend={backend}",))), timeout=400)
     _same(out, one_process)
     final = sorted((out / "checkpoints").glob("epoch_3"))[0]
-    shards = [load_file(str(final / f"table.rank{r}.safetensors")) for r in (0, 1)]
-    whole = load_file(str(one_process / "checkpoints" / "epoch_3" / "table.rank0.safetensors"))
+    shards = [load_file(str(final / f"table.rank{r}.0.safetensors")) for r in (0, 1)]
+    whole = load_file(str(one_process / "checkpoints" / "epoch_3" / "table.rank0.0.safetensors"))
     assert [s["weight"].shape[0] for s in shards] == [math.ceil(whole["weight"].shape[0] / 2),
                                                        whole["weight"].shape[0] // 2]  # half the rows each
     # Adam turns last-bit differences of near-zero gradients into whole steps: rows agree to ~1 %.
@@ -74,8 +74,8 @@ def test_sigkill_mid_epoch_in_stream_mode_resumes_bit_identical(stream_shards, t
     a, b = weights(out, "epoch_3"), weights(ref, "epoch_3")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for r in (0, 1):
-        ta = load_file(str(out / "checkpoints" / "epoch_3" / f"table.rank{r}.safetensors"))
-        tb = load_file(str(ref / "checkpoints" / "epoch_3" / f"table.rank{r}.safetensors"))
+        ta = load_file(str(out / "checkpoints" / "epoch_3" / f"table.rank{r}.0.safetensors"))
+        tb = load_file(str(ref / "checkpoints" / "epoch_3" / f"table.rank{r}.0.safetensors"))
         assert all(torch.equal(ta[k], tb[k]) for k in tb)
     state = json.loads((out / "checkpoints" / "epoch_3" / "state.json").read_text())
     assert state["fit"]["epoch"] == 3

@@ -130,7 +130,7 @@ def test_stream_run_trains_checkpoints_evaluates_and_exports(stream_shards, tmp_
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["test"]["base"]["mrr"] > 0
     best = tmp_path / "run" / "checkpoints" / "best"
-    assert (best / "table.rank0.safetensors").is_file()
+    assert (best / "table.rank0.0.safetensors").is_file()
     records = [line for line in (tmp_path / "run" / "train.jsonl").read_text().splitlines()]
     assert sum(__import__("json").loads(r)["steps"] for r in records) == 7  # train.max_steps
     again = evaluate_run(tmp_path / "run", ("test",))
