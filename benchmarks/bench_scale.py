@@ -72,13 +72,18 @@ class PeakRss:
         while not self._stop.is_set():
             try:
                 procs = [psutil.Process(self.root), *psutil.Process(self.root).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                if not psutil.pid_exists(self.root):
+                    return
+                continue  # a child ended while we listed them
             except psutil.Error:
-                return
+                time.sleep(0.05)
+                continue
             for p in procs:
                 try:
                     rss = p.memory_info().rss
                     self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss)
-                    self.names[p.pid] = " ".join(p.cmdline()[:4])
+                    self.names.setdefault(p.pid, " ".join(p.cmdline()[:6]))
                 except psutil.Error:
                     pass
             time.sleep(0.2)

@@ -103,9 +103,13 @@ class ShardedTable:
     @torch.no_grad()
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and (unbiased) std over all N rows, summed over the ranks."""
-        w = self.weight.double()
-        sums = torch.cat([w.sum(0), (w * w).sum(0), torch.tensor([float(len(w))], dtype=torch.float64,
-                                                                  device=w.device)])
+        w = self.weight
+        sums = torch.zeros(2 * self.dim + 1, dtype=torch.float64, device=w.device)
+        for a in range(0, len(w), _INIT_BLOCK):  # float64 by blocks: never a second copy of the table
+            block = w[a:a + _INIT_BLOCK].double()
+            sums[: self.dim] += block.sum(0)
+            sums[self.dim: 2 * self.dim] += (block * block).sum(0)
+        sums[-1] = len(w)
         sums = self.comm.reduce_sum(sums)
         n = sums[-1]
         mean = sums[: self.dim] / n
