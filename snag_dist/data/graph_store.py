@@ -13,15 +13,13 @@ directory and renamed, so concurrent ranks on one node race safely.
 
 from __future__ import annotations
 
-import json
 import mmap
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from snag_dist.data.manifest import Manifest, load_manifest, sha256_file
+from snag_dist.data.store import cached_build
 from snag_dist.data.stream import RowStream, StreamConfig
 from snag_dist.errors import DataError
 
@@ -83,26 +81,12 @@ class GraphStore:
         root = Path(shards)
         manifest = load_manifest(root)
         base = Path(store_dir) if store_dir else root / ".store"
-        path = base / "graph"
-        stamp = sha256_file(root / "manifest.json")
-        meta = path / "graph.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("manifest_sha256") == stamp:
-            return cls(path, manifest)
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = base / f".graph.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+
+        def build(tmp: Path) -> dict:
             _build(root, manifest.num_entities, tmp)
-            (tmp / "graph.json").write_text(json.dumps({"version": GRAPH_VERSION, "manifest_sha256": stamp,
-                                                        "num_nodes": manifest.num_entities}))
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        except OSError:
-            if not meta.is_file():  # no other rank finished it either
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            return {"version": GRAPH_VERSION, "num_nodes": manifest.num_entities}
+
+        path = cached_build(base / "graph", "graph.json", sha256_file(root / "manifest.json"), build)
         return cls(path, manifest)
 
     @property

@@ -14,7 +14,7 @@ import mmap
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +106,30 @@ def _build(root: Path, manifest: Manifest, start: int, stop: int, tmp: Path) -> 
         np.save(tmp / f"{c.name}.values.npy", bag.values.astype(np.float32))
 
 
+def cached_build(folder: Path, meta_name: str, stamp: str, build: Callable[[Path], dict]) -> Path:
+    """``folder`` built once per manifest: reused while ``folder/meta_name`` records ``stamp`` (the
+    manifest's sha256), else ``build(tmp)`` fills a temp folder (returning extra metadata) that is
+    renamed into place. Concurrent builders race safely: the first rename wins, the others reuse it."""
+    meta = folder / meta_name
+    if meta.is_file() and json.loads(meta.read_text()).get("manifest_sha256") == stamp:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        extra = build(tmp) or {}
+        (tmp / meta_name).write_text(json.dumps({**extra, "manifest_sha256": stamp}))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError:
+        if not meta.is_file():  # no other rank finished it either
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 class FeatureStore:
     """Entity features of ids [start, stop), memory-mapped; ``lookup`` returns float32 tensors."""
 
@@ -130,25 +154,12 @@ class FeatureStore:
         if not 0 <= start < stop <= manifest.num_entities:
             raise DataError(f"entity partition [{start}, {stop}) outside [0, {manifest.num_entities})")
         base = Path(store_dir) if store_dir else root / ".store"
-        path = base / f"{start}-{stop}"
-        stamp = sha256_file(root / "manifest.json")
-        meta = path / "store.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("manifest_sha256") == stamp:
-            return cls(path, manifest, start, stop)
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = base / f".{start}-{stop}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+
+        def build(tmp: Path) -> dict:
             _build(root, manifest, start, stop, tmp)
-            (tmp / "store.json").write_text(json.dumps({"version": STORE_VERSION, "manifest_sha256": stamp}))
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        except OSError:
-            if not meta.is_file():  # no other rank finished it either
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            return {"version": STORE_VERSION}
+
+        path = cached_build(base / f"{start}-{stop}", "store.json", sha256_file(root / "manifest.json"), build)
         return cls(path, manifest, start, stop)
 
     def _local(self, ids: np.ndarray) -> np.ndarray:

@@ -54,8 +54,6 @@ N entities, R relations, H hidden, D complex dimension.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -70,6 +68,7 @@ from snag_dist.config import Config
 from snag_dist.config.schema import CompletionConfig
 from snag_dist.data.epoch_stream import EpochRows
 from snag_dist.data.manifest import sha256_file
+from snag_dist.data.store import cached_build
 from snag_dist.data.stream import read_all_rows
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.eval.filtered import KnownTriples, filtered_rank_stats, metrics_from_stats
@@ -586,14 +585,9 @@ def triple_index(root: Path, store_dir: str, manifest, comm: Comm, corruption: s
     for the build only) and memory-mapped by every rank: training triples (negative filter),
     all known triples (evaluation filter), and the Bernoulli head probability per relation."""
     base = Path(store_dir) if store_dir else root / ".store"
-    folder = base / "known"
-    stamp = sha256_file(root / "manifest.json")
-    meta = folder / "stamp.txt"
-    if comm.rank == 0 and not (meta.is_file() and meta.read_text() == stamp):
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = base / f".known.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "train").mkdir(parents=True)
+
+    def build(tmp: Path) -> dict:
+        (tmp / "train").mkdir()
         (tmp / "all").mkdir()
         n, r = manifest.num_entities, manifest.num_relations
         train = torch.from_numpy(read_all_rows(root, "triples/train"))
@@ -602,10 +596,11 @@ def triple_index(root: Path, store_dir: str, manifest, comm: Comm, corruption: s
         rest = [torch.from_numpy(read_all_rows(root, f"triples/{s}")) for s in ("valid", "test")
                 if f"triples/{s}" in manifest.shards]
         KnownTriples(torch.cat([train, *rest]), n, r).save(tmp / "all")
-        del train, rest
-        (tmp / "stamp.txt").write_text(stamp)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        return {}
+
+    folder = base / "known"
+    if comm.rank == 0:
+        cached_build(folder, "index.json", sha256_file(root / "manifest.json"), build)
     comm.reduce_sum(torch.zeros(1))  # the others wait for rank 0's build
     p_head = torch.from_numpy(np.load(folder / "p_head.npy"))
     if corruption != "bernoulli":
