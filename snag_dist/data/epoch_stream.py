@@ -53,7 +53,7 @@ class EpochRows:
     """The rows of one shard group (``triples/train``, ``links/train``) as per-step parts."""
 
     def __init__(self, root: str | Path, group: str, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 splits: int = 0, workers: int = 0, seed: int = 0, shuffle_buffer: int = 0, align: int = 1) -> None:
+                 splits: int = 0, workers: int = 0, seed: int = 0, shuffle_buffer: int = 0) -> None:
         self.root = Path(root)
         manifest = load_manifest(self.root)
         infos = manifest.shards.get(group, [])
@@ -74,7 +74,6 @@ class EpochRows:
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.member = "pairs.npy" if group.startswith("links/") else "hrt.npy"
         self.part = max(1, math.ceil(batch_size / self.splits))
-        self.part = math.ceil(self.part / align) * align
         self.mine = list(range(rank, self.splits, world_size))
 
     # -- the epoch's plan (the same on every rank) ----------------------------------------------
@@ -90,15 +89,20 @@ class EpochRows:
             load[v] += self.rows_per_shard[i]
         return out
 
+    def _loads(self, epoch: int) -> list[int]:
+        return [sum(self.rows_per_shard[i] for i in shards) for shards in self.assignment(epoch)]
+
     def global_rows(self, epoch: int) -> list[int]:
         """Rows of every step's global batch (all splits), for losses normalised by the global batch."""
-        loads = [sum(self.rows_per_shard[i] for i in shards) for shards in self.assignment(epoch)]
-        steps = max(1, max(math.ceil(n / self.part) for n in loads))
-        return [sum(min(self.part, max(0, n - k * self.part)) for n in loads) for k in range(steps)]
+        loads = self._loads(epoch)
+        return [sum(min(self.part, max(0, n - k * self.part)) for n in loads) for k in range(self.steps(epoch))]
 
     def steps(self, epoch: int = 0) -> int:
-        loads = [sum(self.rows_per_shard[i] for i in shards) for shards in self.assignment(epoch)]
-        return max(1, max(math.ceil(n / self.part) for n in loads))
+        return max(1, max(math.ceil(n / self.part) for n in self._loads(epoch)))
+
+    def align(self, rows: int) -> None:
+        """Round the per-split part up to a multiple of ``rows`` (e.g. the positives sharing negatives)."""
+        self.part = math.ceil(self.part / rows) * rows
 
     # -- reading one split --------------------------------------------------------------------
     def _blocks(self, epoch: int, split: int, shards: list[int]) -> Iterator[np.ndarray]:
@@ -116,9 +120,8 @@ class EpochRows:
 
     def split_parts(self, epoch: int, split: int, start: int = 0) -> Iterator[np.ndarray]:
         """Exactly ``steps(epoch)`` parts of split ``split`` (empty once it is exhausted), from ``start``."""
-        assignment = self.assignment(epoch)
-        steps = max(1, max(math.ceil(sum(self.rows_per_shard[i] for i in s) / self.part) for s in assignment))
-        blocks = self._blocks(epoch, split, assignment[split])
+        steps = self.steps(epoch)
+        blocks = self._blocks(epoch, split, self.assignment(epoch)[split])
         cols = 2 if self.member == "pairs.npy" else 3
         pieces, held, step = [], 0, 0
         for block in blocks:

@@ -26,7 +26,6 @@ Shapes: N entities, B batch rows, D dims, K noised entities (or noised rows), J 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Mapping
 
@@ -36,12 +35,9 @@ from torch import nn
 from snag_dist.config.schema import NoiseConfig
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.model.spec import STRUCTURE
+from snag_dist.seeding import stable_seed
 
-
-def draw_seed(*parts: object) -> int:
-    """A stable 63-bit seed from any parts (Python's hash() is salted per process)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+draw_seed = stable_seed  # a stable 63-bit seed from any parts (kept under its old name)
 
 
 # ---- keyed draws: splitmix64 on int64 tensors ------------------------------------------------

@@ -423,9 +423,7 @@ class CompletionTask:
                                   world_size=world_size, splits=cfg.data.stream_splits, workers=cfg.data.num_workers,
                                   seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
             self.chunk = min(self.ccfg.negative_chunk, self.rows.part)
-            self.rows = EpochRows(root, "triples/train", batch_size=cfg.train.batch_size, rank=rank,
-                                  world_size=world_size, splits=cfg.data.stream_splits, workers=cfg.data.num_workers,
-                                  seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer, align=self.chunk)
+            self.rows.align(self.chunk)  # parts of whole negative groups
             self.train_known, self.known, self.p_head = triple_index(root, cfg.data.store_dir, manifest, self.comm,
                                                                      self.ccfg.corruption)
         else:

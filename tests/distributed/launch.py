@@ -33,6 +33,12 @@ def torchrun(nproc: int, args: list[str], extra: list[str] | None = None, script
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *rdzv, *target, *args]
 
 
+def train_args(config: str, sets: list[str], shards: Path, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """``snag-dist train`` arguments: ``config`` with every ``--set`` of ``sets``, the shards and ``extra``."""
+    pairs = [a for kv in [*sets, f"data.shards={shards}", *extra] for a in ("--set", kv)]
+    return ["train", "--config", config, "--out", str(out), "--quiet", *pairs]
+
+
 def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

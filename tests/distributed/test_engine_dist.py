@@ -25,6 +25,7 @@ from tests.distributed.launch import (
     run,
     start,
     torchrun,
+    train_args,
     weights,
 )
 from tests.tasks.test_alignment_task import sample_shards  # noqa: F401  (module-scoped fixture)
@@ -36,8 +37,7 @@ TINY = ["model.modalities=[structure,relation]", "model.hidden=32", "model.dropo
 
 
 def _cli(shards: Path, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    sets = [a for kv in [*TINY, f"data.shards={shards}", *extra] for a in ("--set", kv)]
-    return ["train", "--config", "quickstart", "--out", str(out), "--quiet", *sets]
+    return train_args("quickstart", TINY, shards, out, extra)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from snag_dist.config import load_config
 from snag_dist.engine.run import train
-from tests.distributed.launch import evals, kill_when, losses, run, start, torchrun, weights
+from tests.distributed.launch import evals, kill_when, losses, run, start, torchrun, train_args, weights
 from tests.tasks.test_stream_path import stream_shards  # noqa: F401  (module-scoped fixture)
 
 SETS = ["data.mode=stream", "data.stream_splits=2", "model.hidden=32", "model.dropout=0",
@@ -26,8 +26,7 @@ SETS = ["data.mode=stream", "data.stream_splits=2", "model.hidden=32", "model.dr
 
 
 def _cli(shards: Path, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
-    sets = [a for kv in [*SETS, f"data.shards={shards}", *extra] for a in ("--set", kv)]
-    return ["train", "--config", "quickstart_completion", "--out", str(out), "--quiet", *sets]
+    return train_args("quickstart_completion", SETS, shards, out, extra)
 
 
 @pytest.fixture(scope="module")
