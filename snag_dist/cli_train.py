@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -20,20 +22,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for phase, metrics in summary["test"].items():
         rows += [(f"test {phase} {k}", f"{v:.4f}") for k, v in metrics.items()
                  if k in ("hits@1", "hits@3", "hits@10", "mrr")]
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         print_rows(f"{cfg.name}: {args.out}", rows)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from snag_dist.data.manifest import write_json_atomic
     from snag_dist.engine.run import evaluate_run
     from snag_dist.report import print_rows
 
     results = evaluate_run(args.run_dir, tuple(args.splits.split(",")), args.set)
-    rows = [(f"{split} {k}", f"{v:.4f}") for split, m in results.items() for k, v in m.items()]
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the same result
+        return 0
+    rows = [(f"{split} {k}", f"{v:.4f}" if isinstance(v, float) else str(v))
+            for split, m in results.items() for k, v in m.items()]
     print_rows(f"eval {args.run_dir}", rows)
+    if args.json:
+        write_json_atomic(Path(args.json), results)
     return 0
 
 
@@ -51,8 +57,10 @@ def _add_train(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a run's best checkpoint")
     p.add_argument("run_dir")
-    p.add_argument("--splits", default="valid,test")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--splits", default="valid,test", help="comma-separated splits to evaluate")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="dotted override of the run's config, e.g. eval.protocol=topk")
+    p.add_argument("--json", default="", help="also write the metrics to this JSON file")
     p.set_defaults(fn=_cmd_eval)
 
 

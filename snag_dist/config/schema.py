@@ -178,6 +178,19 @@ class EvalConfig:
     split: Literal["valid", "test"] = doc("valid", "split used for model selection during training")
     chunk_size: PosInt = doc(4096, "queries scored per chunk (memory O(chunk x entities))")
     test_at_end: bool = doc(True, "evaluate the best checkpoint on the test split at the end")
+    protocol: Literal["auto", "exact", "topk"] = doc(
+        "auto", "alignment ranking: 'exact' CSLS over every candidate (full MRR), or 'topk': faiss top-k "
+        "cosine candidates re-ranked by CSLS (truncated: hits@k for k <= eval.topk and mrr@topk, never "
+        "'mrr'); auto = exact up to eval.exact_max_links test links, topk above")
+    exact_max_links: PosInt = doc(
+        100_000, "auto: most links ranked exactly (cost ~4 x links^2 x width FLOP, split over the ranks)")
+    topk: PosInt = doc(50, "protocol topk: candidates per query (>= task.alignment.csls_k)")
+    index: Literal["flat", "ivf", "hnsw"] = doc("ivf", "protocol topk: faiss index (flat = exact search)")
+    ivf_lists: NonNegInt = doc(0, "ivf cells (0 = 4 sqrt(rows per rank))")
+    ivf_probe: PosInt = doc(32, "ivf cells searched per query")
+    completion_candidates: NonNegInt = doc(
+        0, "completion: 0 = rank against every entity (full filtered); K > 0 = against K uniformly sampled "
+        "entities per query (protocol 'sampled-K': its MRR is not comparable to full filtered MRR)")
 
 
 @dataclass(config=_FROZEN)

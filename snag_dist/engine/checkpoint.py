@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from snag_dist.errors import CheckpointError
@@ -109,8 +109,11 @@ def load_task_state(path: Path) -> dict[str, torch.Tensor]:
     return _load_optional(path / "task.safetensors", path)
 
 
-def load_rank_files(path: Path, name: str) -> list[dict[str, torch.Tensor]]:
-    """Every ``<name>.rank<R>.<K>.safetensors`` of a checkpoint (rank R's K-th chunk), in (R, K) order."""
+def load_rank_files(path: Path, name: str, rows: tuple[int, int] | None = None,
+                    keys: tuple[str, ...] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Every ``<name>.rank<R>.<K>.safetensors`` of a checkpoint (rank R's K-th chunk), in (R, K) order;
+    with ``rows``, only the chunks whose "range" overlaps [rows[0], rows[1]); with ``keys``, only those
+    tensors (e.g. weights without optimizer moments)."""
     def order(p: Path) -> tuple[int, int]:
         rank, chunk = p.name[len(name) + len(".rank"):].split(".")[:2]
         return int(rank), int(chunk)
@@ -118,7 +121,19 @@ def load_rank_files(path: Path, name: str) -> list[dict[str, torch.Tensor]]:
     files = sorted(path.glob(f"{name}.rank*.*.safetensors"), key=order)
     if not files:
         raise CheckpointError(f"checkpoint {path} has no {name}.rank<R>.<K>.safetensors (saved on the full data path?)")
-    return [_load_optional(f, path) for f in files]
+    if rows is None and keys is None:
+        return [_load_optional(f, path) for f in files]
+    out = []
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as part:
+                a, b = (int(v) for v in part.get_tensor("range").reshape(-1)[:2])
+                if rows is not None and (b <= rows[0] or a >= rows[1]):
+                    continue
+                out.append({k: part.get_tensor(k) for k in part.keys() if keys is None or k in keys})
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from None
+    return out
 
 
 def load_rank_shard(path: Path, rank: int) -> dict[str, torch.Tensor]:

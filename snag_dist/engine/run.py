@@ -50,16 +50,36 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
 
 def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"),
                  overrides: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Metrics of a run's best checkpoint. Under torchrun every process evaluates its share (the
+    task's sharded protocols) and loads only its rows of a sharded table; all get the same result."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = load_config(str(run_dir / "config.yaml"), overrides)
     best = run_dir / "checkpoints" / "best"
     model_state, _, _ = load_checkpoint(best)
-    task = TASKS.get(cfg.task.name)(cfg, 0, 1, torch.device("cpu"))
+    comm, device = _eval_collectives()
+    task = TASKS.get(cfg.task.name)(cfg, comm.rank, comm.world_size, device, comm=comm)
     task.module.load_state_dict(model_state)
-    if getattr(task, "table", None) is not None:  # stream path: the table's rows from every rank's file
-        task.table.load_shards(load_rank_files(best, "table"))
+    table = getattr(task, "table", None)
+    if table is not None:  # stream path: this rank's rows from the rank files that overlap them
+        table.load_shards(load_rank_files(best, "table", rows=(table.start, table.stop), keys=("range", "weight")))
     if hasattr(task, "load_state_dict"):  # e.g. the pseudo links the best epoch trained with
         task.load_state_dict(load_task_state(best))
     return {s: task.evaluate(task.module, s) for s in splits}
+
+
+def _eval_collectives() -> tuple[Collectives, torch.device]:
+    """Collectives over a process group of torchrun's processes (none when run alone)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    comm = Collectives.current()
+    device = torch.device("cuda", torch.cuda.current_device()) if comm.device.type == "cuda" else torch.device("cpu")
+    return comm, device

@@ -24,15 +24,19 @@ completion literature reports). The gold score is the directly computed cosine o
 the gold candidate itself is never counted against itself. Scores are float32, so candidates within
 about 1e-7 of the gold score may fall either way (a dense float32 computation has the same limit).
 
-Nothing here talks to other processes: a `QueryShard` picks which queries this process ranks, and
-`rank_stats` gives sums the engine can all-reduce.
+Across processes (``comm``, a `Collective` the engine injects; nothing here imports a distributed
+API): rank r takes the r-th contiguous block of source rows for both passes. Pass 1 gathers the
+per-row penalties (n floats) and merges every rank's running column top-k ((W x k, m) floats); pass 2
+counts its rows' l2r ranks in full and every column's r2l counts over its rows, summed across ranks
+(m float64). Per rank: 1/W of the matmuls, memory O(chunk x m); the result equals one process
+(tested with real processes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +50,21 @@ DEFAULT_HITS: tuple[int, ...] = (1, 10)
 # Rows scored at a time in pass 2: 512 x 10,500 floats (21 MB) stay in cache between the
 # subtract / compare / sum steps, which a whole chunk would not.
 _SUB_ROWS = 512
+
+
+class Collective(Protocol):
+    """Cross-process row gathers and sums (``tasks.base.Comm`` is one; the engine injects it)."""
+
+    rank: int
+    world_size: int
+
+    def gather_rows(self, x: Tensor, sizes: list[int] | None = None) -> Tensor: ...
+
+    def reduce_sum(self, x: Tensor) -> Tensor: ...
+
+
+def _many(comm: Collective | None) -> bool:
+    return comm is not None and comm.world_size > 1
 
 
 @dataclass(frozen=True)
@@ -241,20 +260,27 @@ def _merge_column_topk(top_km: Tensor, cos_cm: Tensor, mask_flat: Tensor, seeded
     return top_km
 
 
-def _hubness(src_n: Tensor, tgt_n: Tensor, k: int, ws: _Workspace, chunk: int) -> Hubness:
-    """Pass 1, leaving its last blocks cached in the workspace."""
+def _hubness(src_n: Tensor, tgt_n: Tensor, k: int, ws: _Workspace, chunk: int,
+             rows: tuple[int, int] | None = None, comm: Collective | None = None) -> Hubness:
+    """Pass 1 over source rows ``rows`` (all by default), leaving its last blocks cached in the
+    workspace; with ``comm``, every rank's rows are combined into the penalties of all rows."""
     n, m = src_n.shape[0], tgt_n.shape[0]
     if k == 0 or n == 0 or m == 0:
         return Hubness(src_n.new_zeros(n), tgt_n.new_zeros(m))
-    r_tgt_n = src_n.new_empty(n)
-    top_km = tgt_n.new_full((min(k, n), m), float("-inf"))
+    lo, hi = rows or (0, n)
+    r_tgt_n = src_n.new_empty(hi - lo)
+    kk = min(k, n)
+    top_km = tgt_n.new_full((kk, m), float("-inf"))
     # Backwards, so the blocks left in the buffers are the first ones, where pass 2 starts.
-    for i, (a, b) in enumerate(reversed(_spans(0, n, chunk))):
+    for i, (a, b) in enumerate(reversed(_spans(lo, hi, chunk))):
         idx, cos_cm = ws.fresh(b - a, m)
         torch.mm(src_n[a:b], tgt_n.T, out=cos_cm)
         ws.cached[(a, b)] = idx
-        r_tgt_n[a:b] = cos_cm.topk(min(k, m), dim=1).values.mean(1)
+        r_tgt_n[a - lo:b - lo] = cos_cm.topk(min(k, m), dim=1).values.mean(1)
         top_km = _merge_column_topk(top_km, cos_cm, ws.mask, seeded=i > 0)
+    if _many(comm):  # a rank with fewer than k rows leaves -inf rows: the union has n >= kk real ones
+        r_tgt_n = comm.gather_rows(r_tgt_n)
+        top_km = comm.gather_rows(top_km).topk(kk, dim=0).values
     return Hubness(r_tgt_n, top_km.mean(0))
 
 
@@ -264,12 +290,14 @@ def csls_hubness(src: Tensor, tgt: Tensor, k: int, chunk: int) -> Hubness:
     return _hubness(src_n, tgt_n, k, _Workspace.create(src_n, chunk, len(src_n), len(tgt_n)), chunk)
 
 
-def _problem(src: Tensor, tgt: Tensor, k: int, chunk: int, ties: Ties) -> _Problem:
+def _problem(src: Tensor, tgt: Tensor, k: int, chunk: int, ties: Ties,
+             rows: tuple[int, int] | None = None, comm: Collective | None = None) -> _Problem:
     if chunk < 1 or k < 0:
         raise ValueError(f"need chunk >= 1 and k >= 0, got chunk={chunk} k={k}")
     src_n, tgt_n = _unit(src), _unit(tgt)
-    ws = _Workspace.create(src_n, chunk, src_n.shape[0], tgt_n.shape[0])
-    hub = _hubness(src_n, tgt_n, k, ws, chunk)
+    own = src_n.shape[0] if rows is None else rows[1] - rows[0]
+    ws = _Workspace.create(src_n, chunk, own, tgt_n.shape[0])
+    hub = _hubness(src_n, tgt_n, k, ws, chunk, rows, comm)
     half_r_tgt, half_r_src = 0.5 * hub.r_tgt_n, 0.5 * hub.r_src_m
     return _Problem(src_n, tgt_n, hub, half_r_tgt, half_r_src, ws, chunk, ties != "optimistic")
 
@@ -374,35 +402,38 @@ def csls_rank_metrics(
     return RankMetrics.from_ranks(csls_ranks(src, tgt, gold, k, chunk, ties), hits_at)
 
 
+def shard_bounds(n: int, comm: Collective | None) -> tuple[int, int]:
+    """This process's contiguous block of n rows (all of them without ``comm``)."""
+    return QueryShard(comm.rank, comm.world_size).bounds(n) if _many(comm) else (0, n)
+
+
 def alignment_ranks(
     emb: Tensor, links: Tensor, k: int, chunk: int,
-    ties: Ties = "optimistic", shard: QueryShard | None = None,
+    ties: Ties = "optimistic", comm: Collective | None = None,
 ) -> AlignmentRanks:
     """Ranks of the test links (L, 2) in both directions; candidates are the links' own entities.
 
     Link i's left entity must find link i's right entity among all L right entities (l2r), and
-    vice versa (r2l), as in the standard DBP15K protocol. Both directions share one pass 2.
+    vice versa (r2l), as in the standard DBP15K protocol. Both directions share one pass 2. With
+    ``comm``, this rank returns the ranks of its block of links (`shard_bounds`), both directions,
+    having computed 1/W of both passes; every rank must call it.
     """
     links = links.to(emb.device, torch.long)
-    p = _problem(emb[links[:, 0]], emb[links[:, 1]], k, chunk, ties)
     n_links = links.shape[0]
-    lo, hi = shard.bounds(n_links) if shard else (0, n_links)
+    lo, hi = shard_bounds(n_links, comm)
+    p = _problem(emb[links[:, 0]], emb[links[:, 1]], k, chunk, ties, (lo, hi), comm)
     pair_l = (p.src_n * p.tgt_n).sum(1)  # cos of each gold pair
-    zeros = pair_l.new_zeros(hi - lo, dtype=torch.float64)
-    cols = _Counts(zeros, zeros.clone() if p.equal else None)
-    l2r = []
-    for a, b in _spans(0, n_links, chunk):
-        ra, rb = max(a, lo), min(b, hi)
-        if ra < rb:  # these rows are l2r queries: they need every column
-            cos_cm = _cos_block(p, (a, b), (0, n_links))
-            gold_c = torch.arange(ra, rb, device=emb.device)
-            l2r.append(_ranks(_row_counts(p, cos_cm[ra - a : rb - a], gold_c, pair_l[ra:rb]), ties))
-            cos_cm = cos_cm[:, lo:hi]
-        else:
-            cos_cm = _cos_block(p, (a, b), (lo, hi))
-        _col_counts(p, (a, b), cos_cm, (lo, hi), pair_l, cols)
-    l2r_ranks = torch.cat(l2r) if l2r else zeros
-    return AlignmentRanks(l2r_ranks, _ranks(cols, ties))
+    zeros = pair_l.new_zeros(n_links, dtype=torch.float64)
+    cols = _Counts(zeros, zeros.clone() if p.equal else None)  # r2l counts of every column over my rows
+    l2r = [zeros[:0]]
+    for a, b in _spans(lo, hi, chunk):
+        cos_cm = _cos_block(p, (a, b), (0, n_links))
+        gold_c = torch.arange(a, b, device=emb.device)
+        l2r.append(_ranks(_row_counts(p, cos_cm, gold_c, pair_l[a:b]), ties))
+        _col_counts(p, (a, b), cos_cm, (0, n_links), pair_l, cols)
+    if _many(comm):
+        cols = _Counts(comm.reduce_sum(cols.greater), None if cols.equal is None else comm.reduce_sum(cols.equal))
+    return AlignmentRanks(torch.cat(l2r), _ranks(cols, ties)[lo:hi])
 
 
 def alignment_metrics(
@@ -416,32 +447,41 @@ def alignment_metrics(
     return out
 
 
-def mutual_nearest_pairs(emb: Tensor, left_ids: Tensor, right_ids: Tensor, k: int, chunk: int) -> Tensor:
+def mutual_nearest_pairs(emb: Tensor, left_ids: Tensor, right_ids: Tensor, k: int, chunk: int,
+                         comm: Collective | None = None) -> Tensor:
     """Entity-id pairs (P, 2) that are each other's CSLS nearest neighbour (iterative pseudo links).
 
-    Ties go to the lowest index on both sides, so the result is deterministic.
+    Ties go to the lowest index on both sides, so the result is deterministic. With ``comm`` each
+    rank scores its block of left rows (both passes) and every rank returns all pairs.
     """
     left_ids = left_ids.to(emb.device, torch.long)
     right_ids = right_ids.to(emb.device, torch.long)
     n, m = left_ids.numel(), right_ids.numel()
     if n == 0 or m == 0:
         return left_ids.new_zeros((0, 2))
-    p = _problem(emb[left_ids], emb[right_ids], k, chunk, "optimistic")
-    best_col_n = left_ids.new_empty(n)
+    lo, hi = shard_bounds(n, comm)
+    p = _problem(emb[left_ids], emb[right_ids], k, chunk, "optimistic", (lo, hi), comm)
+    best_col_n = left_ids.new_empty(hi - lo)
     best_val_m = p.tgt_n.new_full((m,), float("-inf"))
     best_row_m = left_ids.new_zeros(m)
-    for a, b in _spans(0, n, chunk):
+    for a, b in _spans(lo, hi, chunk):
         cos_cm = _cos_block(p, (a, b), (0, m))
         for r0, r1 in _spans(a, b, _SUB_ROWS):
             score_sm = p.ws.score(r1 - r0, m)
-            best_col_n[r0:r1] = torch.sub(cos_cm[r0 - a : r1 - a], p.half_r_src_m, out=score_sm).argmax(1)
-            torch.sub(cos_cm[r0 - a : r1 - a], p.half_r_tgt_n[r0:r1].unsqueeze(1), out=score_sm)
+            best_col_n[r0 - lo:r1 - lo] = torch.sub(cos_cm[r0 - a:r1 - a], p.half_r_src_m, out=score_sm).argmax(1)
+            torch.sub(cos_cm[r0 - a:r1 - a], p.half_r_tgt_n[r0:r1].unsqueeze(1), out=score_sm)
             val_m, row_m = score_sm.max(0)
             better = val_m > best_val_m  # strict: an earlier (lower) row keeps a tie
             best_val_m = torch.where(better, val_m, best_val_m)
             best_row_m = torch.where(better, row_m + r0, best_row_m)
-    mutual = best_row_m[best_col_n] == torch.arange(n, device=emb.device)
-    return torch.stack([left_ids[mutual], right_ids[best_col_n[mutual]]], dim=1)
+    if _many(comm):
+        # Ranks hold increasing row blocks: the first rank reaching a column's best keeps the lowest row.
+        vals_wm = comm.gather_rows(best_val_m[None])
+        first = (vals_wm == vals_wm.max(0).values).float().argmax(0)
+        best_row_m = comm.gather_rows(best_row_m[None]).gather(0, first[None])[0]
+    mutual = best_row_m[best_col_n] == torch.arange(lo, hi, device=emb.device)
+    pairs = torch.stack([left_ids[lo:hi][mutual], right_ids[best_col_n[mutual]]], dim=1)
+    return comm.gather_rows(pairs) if _many(comm) else pairs
 
 
 def csls_topk(src: Tensor, tgt: Tensor, k: int, chunk: int, topn: int) -> TopK:

@@ -25,7 +25,14 @@ from snag_dist.config import Config
 from snag_dist.data.epoch_stream import EpochRows
 from snag_dist.data.stream import read_all_rows
 from snag_dist.errors import ConfigError, DataError
-from snag_dist.eval.ranking import QueryShard, RankMetrics, alignment_ranks, mutual_nearest_pairs, rank_stats
+from snag_dist.eval.ranking import (
+    RankMetrics,
+    alignment_ranks,
+    mutual_nearest_pairs,
+    rank_stats,
+    shard_bounds,
+)
+from snag_dist.eval.topk import IndexSpec, topk_alignment_ranks, topk_mutual_pairs
 from snag_dist.model.snag import SNAG, SnagOutput
 from snag_dist.seeding import generator
 from snag_dist.tasks.alignment_losses import AlignmentLoss
@@ -209,36 +216,80 @@ class AlignmentTask:
         free = torch.ones(len(kg), dtype=torch.bool)
         free[linked] = False
         left, right = torch.nonzero(free & (kg == 0)).flatten(), torch.nonzero(free & (kg == 1)).flatten()
-        ids = torch.cat([left, right])
-        sub = module.embed(ids.to(self.device), self.cfg.eval.chunk_size).cpu()
-        emb = torch.zeros(len(kg), sub.shape[1])
-        emb[ids] = sub
-        new = mutual_nearest_pairs(emb, left, right, self.acfg.csls_k, self.cfg.eval.chunk_size)
+        chunk, k = self.cfg.eval.chunk_size, self.acfg.csls_k
+        comm = self.comm if self.comm.active else None
+        if self._protocol(min(len(left), len(right))) == "topk":
+            # each rank embeds and indexes its blocks of both sides only
+            (la, lb), (ra, rb) = shard_bounds(len(left), comm), shard_bounds(len(right), comm)
+            emb_l, emb_r = self._embed_blocks(module, [left[la:lb], right[ra:rb]])
+            new = topk_mutual_pairs(emb_l, emb_r, left[la:lb], right[ra:rb], k, self.cfg.eval.topk,
+                                    self._index_spec(), comm)
+        else:
+            ids = torch.cat([left, right])
+            a, b = shard_bounds(len(ids), comm)
+            emb = self.comm.gather_rows(self._embed_blocks(module, [ids[a:b]])[0])  # rows: left, then right
+            n_left = len(left)
+            local = mutual_nearest_pairs(emb, torch.arange(n_left), torch.arange(n_left, len(ids)), k, chunk,
+                                         comm).cpu()
+            new = torch.stack([left[local[:, 0]], right[local[:, 1] - n_left]], 1)
         if len(self._candidates):  # keep pairs that stayed mutual since the last refresh
             old = {tuple(p) for p in self._candidates.tolist()}
             new = torch.tensor([p for p in new.tolist() if tuple(p) in old], dtype=torch.long).view(-1, 2)
         self._candidates = new
 
-    def evaluate(self, module: AlignmentModule, split: str) -> dict[str, float]:
+    # -- evaluation ---------------------------------------------------------------------------
+    def _protocol(self, n_links: int) -> str:
+        p = self.cfg.eval.protocol
+        return p if p != "auto" else ("exact" if n_links <= self.cfg.eval.exact_max_links else "topk")
+
+    def _index_spec(self) -> IndexSpec:
+        e = self.cfg.eval
+        return IndexSpec(e.index, e.ivf_lists, e.ivf_probe, seed=self.cfg.train.seed)
+
+    def _embed_blocks(self, module: AlignmentModule, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Embeddings of this rank's id blocks, in one call sequence of the same length on every rank
+        (a sharded table exchanges rows on every call; an empty block still joins)."""
+        ids = torch.cat(blocks)
+        call = ids if len(ids) else torch.zeros(1, dtype=torch.long)
+        rounds = module.embed_rounds(len(call), self.cfg.eval.chunk_size)
+        if self.comm.active:
+            rounds = max(int(v) for v in self.comm.gather_rows(torch.tensor([rounds])).tolist())
+        emb = module.embed(call.to(self.device), self.cfg.eval.chunk_size, rounds)[: len(ids)]
+        return list(emb.split([len(b) for b in blocks]))
+
+    def evaluate(self, module: AlignmentModule, split: str) -> dict[str, float | str]:
+        """Hits@k / MRR both ways. Each rank embeds its block of the links; 'exact' gathers them and
+        runs both CSLS passes sharded by rows (eval/ranking.py), 'topk' searches faiss indexes of
+        the rank blocks (eval/topk.py). The rank sums add up to the single-process metrics."""
         links = self.links[split]
         if len(links) == 0:
             raise DataError(f"no '{split}' links to evaluate on")
-        ids = torch.unique(links)
-        # Each rank embeds and ranks its share; the rank sums add up to the single-process metrics.
-        shard = QueryShard(self.comm.rank, self.comm.world_size)
-        lo, hi = shard.bounds(len(ids))
-        part = ids[lo:hi] if hi > lo else ids[:1]  # an empty shard still joins the gather
-        rounds = module.embed_rounds(len(part), self.cfg.eval.chunk_size)
-        if self.comm.active:  # a sharded table exchanges rows on every call: the same count on every rank
-            rounds = max(int(v) for v in self.comm.gather_rows(torch.tensor([rounds])).tolist())
-        mine = module.embed(part.to(self.device), self.cfg.eval.chunk_size, rounds)[: hi - lo]
-        emb = self.comm.gather_rows(mine).cpu()
-        local = torch.searchsorted(ids, links)
-        ranks = alignment_ranks(emb, local, self.acfg.csls_k, self.cfg.eval.chunk_size,
-                                shard=shard if self.comm.active else None)
-        l2r, r2l = (self.comm.reduce_sum(rank_stats(r)) for r in (ranks.l2r, ranks.r2l))
-        metrics = RankMetrics.from_stats(l2r).as_dict()
-        metrics.update(RankMetrics.from_stats(r2l).as_dict("r2l/"))
+        comm = self.comm if self.comm.active else None
+        lo, hi = shard_bounds(len(links), comm)
+        src, tgt = self._embed_blocks(module, [links[lo:hi, 0], links[lo:hi, 1]])
+        protocol = self._protocol(len(links))
+        k, chunk = self.acfg.csls_k, self.cfg.eval.chunk_size
+        if protocol == "exact":
+            src, tgt = self.comm.gather_rows(src), self.comm.gather_rows(tgt)
+            n = len(links)
+            local = torch.stack([torch.arange(n), torch.arange(n, 2 * n)], 1)
+            ranks = alignment_ranks(torch.cat([src, tgt]), local, k, chunk, comm=comm)
+        else:
+            ranks = topk_alignment_ranks(src.cpu(), tgt.cpu(), k, self.cfg.eval.topk, self._index_spec(), comm)
+        l2r, r2l = (self.comm.reduce_sum(rank_stats(r.cpu())) for r in (ranks.l2r, ranks.r2l))
+        metrics: dict[str, float | str] = {}
+        for prefix, stats in (("", l2r), ("r2l/", r2l)):
+            m = RankMetrics.from_stats(stats).as_dict(prefix)
+            if protocol == "topk":  # truncated: a gold outside the K candidates is a miss
+                top = self.cfg.eval.topk
+                m = {key: v for key, v in m.items() if key.startswith(f"{prefix}hits@")
+                     and int(key.rsplit("@", 1)[1]) <= top}
+                m[f"{prefix}mrr@{top}"] = float(stats[2].item()) / max(float(stats[0].item()), 1.0)
+            metrics.update(m)
+        if protocol == "topk":
+            found = sum(torch.isfinite(r.cpu()).sum() for r in (ranks.l2r, ranks.r2l)).double().view(1)
+            metrics["candidate_recall"] = float(self.comm.reduce_sum(found).item()) / (2 * len(links))
+        metrics["protocol"] = "exact" if protocol == "exact" else self._index_spec().describe(self.cfg.eval.topk)
         metrics["pseudo_links"] = float(len(self.pseudo))
         if len(self.pseudo) and len(self.links["test"]):
             # Report only: the share of pseudo links that are held-out gold links (never used in training).

@@ -36,6 +36,16 @@ def test_short_run_learns_structure_and_relations(sample_shards, tmp_path):
     assert {p.name for p in (run / "plots").iterdir()} >= {"losses.png", "metrics.png", "modality_weights.png"}
     again = evaluate_run(run, ("test",))
     assert again["test"]["hits@1"] == pytest.approx(test["hits@1"])
+    assert records[0]["protocol"] == "exact" and again["test"]["protocol"] == "exact"
+    # faiss top-k with every candidate (flat index, K = links) is the exact protocol, truncated names
+    top = evaluate_run(run, ("test",), ["eval.protocol=topk", "eval.index=flat", "eval.topk=1400"])["test"]
+    assert top["protocol"] == "topk-1400/flat" and "mrr" not in top and "mean_rank" not in top
+    # float32 near-ties (entities with identical neighbourhoods) may fall either way in either code: 3 of 1,400
+    assert top["hits@1"] == pytest.approx(test["hits@1"], abs=3e-3)
+    assert top["mrr@1400"] == pytest.approx(test["mrr"], abs=3e-3)
+    assert top["candidate_recall"] == 1.0
+    small = evaluate_run(run, ("test",), ["eval.protocol=topk", "eval.topk=5", "eval.ivf_lists=8"])["test"]
+    assert small["protocol"] == "topk-5/ivf" and "hits@10" not in small and small["candidate_recall"] < 1.0
     _check_export(run, tmp_path / "export", test, sample_shards)
 
 
