@@ -25,10 +25,15 @@ temperature 2, SLCWATrainingLoop with a filtered bernoulli sampler, Adam). Phase
   eval      RankBasedEvaluator(filtered=True) on the first --eval-triples test triples, head and
             tail, filtered with train + valid + test; scaled to the full test split as
             fixed overhead + batch time x test / K. The batch and slice sizes PyKEEN actually used
-            are recorded (on CPU its default eval batch is 32, and torch_max_mem halves it after a
-            "DefaultCPUAllocator: not enough memory" error). RotatE scores a batch against all N
-            entities by materialising a (batch, N, dim) complex64 difference: 32 x 1M x 128 x 8 B
-            = 32 GiB per batch at 1M (column eval_diff_gib).
+            are recorded. On CPU PyKEEN's default eval batch is 32 (slice = all entities), and
+            RotatE scores a batch against all N entities by materialising a (batch, N, dim)
+            complex64 difference: 32 x 1M x 128 x 8 B = 30.5 GiB per batch at 1M (eval_diff_gib),
+            more than this 23.5 GiB machine has. torch_max_mem (PyKEEN's OOM back-off) would halve
+            the batch only for "DefaultCPUAllocator: not enough memory"; torch 2.13 says "can't
+            allocate memory", so the RuntimeError ends the evaluation (pykeen 1.11.1,
+            torch_max_mem 0.1.6). --eval-batch 4 (3.8 GiB) measures the time at a size that fits.
+            Careful: a batch whose tensor is just under the free RAM is allocated and filled
+            (batch 16 at 1M: 15 GiB on top of ~5 GiB of training state): refused unless --allow-big-eval.
 The parent samples the PyKEEN process's RSS every 0.2 s (psutil, as bench_scale.py) and keeps the
 peak per phase; the child also reports the kernel's ru_maxrss. An exception is caught in its phase
 and recorded (type, message, innermost frames); a process killed by a signal (the OOM killer sends
@@ -38,9 +43,9 @@ SIGKILL) or by --timeout is recorded with the phase it was in. One JSON line per
     python3 -m venv .venv-pykeen && .venv-pykeen/bin/pip install torch==2.13.0 \\
         && .venv-pykeen/bin/pip install pykeen torch==2.13.0
     .venv/bin/python benchmarks/bench_pykeen_scale.py --entities 1M --pykeen-python .venv-pykeen/bin/python \\
-        --train-steps 50 --eval-triples 64 --timeout 3600
+        --train-steps 30 --eval-triples 32 --timeout 3600                   # PyKEEN's defaults at eval
     .venv/bin/python benchmarks/bench_pykeen_scale.py --entities 1M --pykeen-python .venv-pykeen/bin/python \\
-        --train-steps 50 --eval-triples 64 --eval-batch 2 --timeout 3600   # eval at a batch that fits
+        --train-steps 30 --eval-triples 32 --eval-batch 4 --timeout 3600    # eval at a batch that fits
     .venv/bin/python benchmarks/bench_pykeen_scale.py --entities 10K --pykeen-python .venv-pykeen/bin/python \\
         --warmup 2 --train-steps 5 --eval-triples 32                         # smoke
 """
@@ -87,7 +92,7 @@ def emit(event, **kw):
 
 
 def failed(phase, exc):
-    frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-4:]]
+    frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-6:]]
     emit("error", phase=phase, type=type(exc).__name__, message=str(exc)[:600], where=frames)
 
 
@@ -181,16 +186,17 @@ emit("phase", name="train")
 warm, steps = cfg["warmup"], cfg["steps"]
 clock = StepClock(warm + steps)
 start = time.perf_counter()
-trained = False
+trained = steps == 0  # --train-steps 0: evaluate the freshly initialised model
 try:
-    loop.train(triples_factory=train_tf, num_epochs=10**6, batch_size=cfg["batch"], use_tqdm=False,
-               use_tqdm_batch=False, callbacks=[clock])
-    failed("train", RuntimeError("the training loop ended before the steps were done"))
+    if not trained:
+        loop.train(triples_factory=train_tf, num_epochs=10**6, batch_size=cfg["batch"], use_tqdm=False,
+                   use_tqdm_batch=False, callbacks=[clock])
+        failed("train", RuntimeError("the training loop ended before the steps were done"))
 except StopTraining:
     trained = True
 except BaseException as exc:
     failed("train", exc)
-if trained:
+if trained and steps:
     window = clock.times[warm + steps] - clock.times[warm]
     cpu_s = clock.cpus[warm + steps] - clock.cpus[warm]
     rows = sum(clock.sizes[warm:warm + steps])
@@ -215,7 +221,7 @@ if k and trained:
             return inner(*args, **kwargs)
         except BaseException as exc:
             call["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            emit("eval_retry", **call)
+            emit("eval_call_error", **call)
             raise
         finally:
             call["s"] = time.perf_counter() - t
@@ -247,6 +253,11 @@ def size(text: str) -> int:
     text = text.upper()
     mult = {"K": 10**3, "M": 10**6}.get(text[-1], 1)
     return int(float(text.rstrip("KM")) * mult)
+
+
+def rel(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def ensure_synth(folder: Path, entities: int | None, seed: int) -> tuple[dict, float | None]:
@@ -311,7 +322,7 @@ def run_pykeen(python: str, cfg: dict, timeout: float, log: Path) -> dict:
         timer = threading.Timer(timeout, kill)
         timer.start()
         row: dict = {"errors": []}
-        steps_done, maxrss = 0, 0
+        steps_done, maxrss, step_times = 0, 0, []
         for line in proc.stdout:
             try:
                 ev = json.loads(line)
@@ -323,10 +334,11 @@ def run_pykeen(python: str, cfg: dict, timeout: float, log: Path) -> dict:
                 watch.phase = row["phase_reached"] = ev["name"]
             elif kind == "step":
                 steps_done = ev["i"]
+                step_times.append(ev["step_s"])
             elif kind == "error":
                 row["errors"].append(ev)
-            elif kind == "eval_retry":
-                row.setdefault("eval_retries", []).append(ev)
+            elif kind == "eval_call_error":  # torch_max_mem retries smaller sizes after errors it takes for OOM
+                row.setdefault("eval_call_errors", []).append(ev)
             elif kind == "eval_partial":
                 row["eval_partial_s"], row["eval_partial_calls"] = ev["eval_s"], ev["calls"]
             elif kind == "done":
@@ -340,6 +352,9 @@ def run_pykeen(python: str, cfg: dict, timeout: float, log: Path) -> dict:
     row.update(wall_s=time.perf_counter() - start, returncode=rc, steps_done=steps_done, maxrss_gib=maxrss / GIB,
                peak_rss_gib=max(peaks.values(), default=0) / GIB,
                peak_rss_by_phase_gib={k: round(v / GIB, 3) for k, v in peaks.items()})
+    timed = sorted(step_times[cfg["warmup"]:])
+    if "triples_per_s" not in row and timed:  # stopped early: what the finished steps took
+        row["partial_step_median_s"] = timed[len(timed) // 2]
     if timed_out.is_set():
         row["errors"].append({"phase": row.get("phase_reached"), "type": "Timeout",
                               "message": f"killed after --timeout {timeout:g} s"})
@@ -360,7 +375,8 @@ def fmt(value, spec: str = ",.1f") -> str:
 def table_row(r: dict) -> str:
     rss = r.get("peak_rss_by_phase_gib", {})
     status = r["status"] if not r["errors"] else "; ".join(
-        f"{e['phase']}: {e['type']}: {e['message'][:80]}" for e in r["errors"])
+        f"{e['phase']}: {e['type']}: {e['message'].split('err == 0. ')[-1][:110]}"
+        + (f" ({e['where'][-1]})" if e.get("where") else "") for e in r["errors"])
     ev = f"{fmt(r.get('eval_s'))} (K={r.get('eval_triples', '-')}, b={r.get('eval_batch_sizes', '-')})"
     return (f"| {r['entities']:,} | {fmt(r.get('train_triples'), ',')} | {r.get('pykeen', '-')} | {r['dim']} "
             f"({2 * r['dim']} real) | {r['negatives']} | {r['batch']} | {fmt(r.get('factory_s'), '.2f')} | "
@@ -378,10 +394,13 @@ def main() -> None:
     ap.add_argument("--negatives", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=5, help="training batches before the timed ones")
-    ap.add_argument("--train-steps", type=int, default=50, help="timed training batches")
+    ap.add_argument("--train-steps", type=int, default=50,
+                    help="timed training batches (0 = no training: evaluate the initial model, no Adam state)")
     ap.add_argument("--eval-triples", type=int, default=64, help="test triples K for PyKEEN's evaluator (0 = skip)")
     ap.add_argument("--eval-batch", type=int, default=0, help="evaluator batch size (0 = PyKEEN's default)")
     ap.add_argument("--eval-slice", type=int, default=0, help="evaluator slice size (0 = PyKEEN's default)")
+    ap.add_argument("--allow-big-eval", action="store_true",
+                    help="run an eval batch whose score tensor fits in RAM but not in 60 %% of what is available")
     ap.add_argument("--factory", choices=["mapped", "path"], default="mapped",
                     help="mapped: TriplesFactory from the integer ids; path: TriplesFactory.from_path")
     ap.add_argument("--sampler", default="bernoulli", help="PyKEEN negative sampler (basic | bernoulli)")
@@ -406,18 +425,23 @@ def main() -> None:
            "eval_batch": args.eval_batch, "eval_slice": args.eval_slice, "factory": args.factory,
            "sampler": args.sampler, "filtered": not args.unfiltered_negatives, "lr": args.lr, "margin": 12.0,
            "adv_temperature": 2.0, "threads": args.threads, "seed": args.seed}
-    log = Path(args.json).parent / f"pykeen_scale-{n}.stderr.log"
+    log = Path(args.json).resolve().parent / f"pykeen_scale-{n}.stderr.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     mem = psutil.virtual_memory()
     row = {"date": dt.datetime.now().isoformat(timespec="seconds"), "entities": n,
            "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                       f"{mem.total / GIB:.1f} GiB RAM, {mem.available / GIB:.1f} GiB available at start",
            "synth_s": synth_s, **{k: v for k, v in cfg.items() if k != "synth_dir"},
-           "synth_dir": str(folder.relative_to(ROOT)) if folder.is_relative_to(ROOT) else str(folder)}
-    eval_b = args.eval_batch or 32
+           "synth_dir": rel(folder)}
+    eval_b = min(args.eval_batch or 32, args.eval_triples, info["counts"]["test"])
     row["eval_diff_gib"] = eval_b * n * args.dim * 8 / GIB  # (batch, N, dim) complex64 per scored batch
+    if args.eval_triples and 0.6 * mem.available / GIB < row["eval_diff_gib"] < mem.total / GIB \
+            and not args.allow_big_eval:
+        # bigger than RAM: refused at once (recorded); in between: filled, and the OOM killer may pick any process
+        ap.error(f"an eval batch of {eval_b} needs a {row['eval_diff_gib']:.1f} GiB tensor with "
+                 f"{mem.available / GIB:.1f} GiB available: lower --eval-batch or pass --allow-big-eval")
     row.update(run_pykeen(args.pykeen_python, cfg, args.timeout, log))
-    row["stderr_log"] = str(log.relative_to(ROOT)) if log.resolve().is_relative_to(ROOT) else str(log)
+    row["stderr_log"] = rel(log)
     with open(args.json, "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print("| entities | train triples | PyKEEN | dim | neg | batch | factory s | 1st step s | step s | "

@@ -188,6 +188,8 @@ class EvalConfig:
     index: Literal["flat", "ivf", "hnsw"] = doc("ivf", "protocol topk: faiss index (flat = exact search)")
     ivf_lists: NonNegInt = doc(0, "ivf cells (0 = 4 sqrt(rows per rank))")
     ivf_probe: PosInt = doc(32, "ivf cells searched per query")
+    max_queries: NonNegInt = doc(
+        0, "completion: rank only the first N triples of the split (0 = all); metrics record 'queries'")
     completion_candidates: NonNegInt = doc(
         0, "completion: 0 = rank against every entity (full filtered); K > 0 = against K uniformly sampled "
         "entities per query (protocol 'sampled-K': its MRR is not comparable to full filtered MRR)")

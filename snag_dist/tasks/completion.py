@@ -71,8 +71,9 @@ from snag_dist.data.manifest import sha256_file
 from snag_dist.data.store import cached_build
 from snag_dist.data.stream import read_all_rows
 from snag_dist.errors import ConfigError, DataError
-from snag_dist.eval.filtered import KnownTriples, filtered_rank_stats, metrics_from_stats
-from snag_dist.eval.ranking import QueryShard
+from snag_dist.eval.filtered import COMPLETION_HITS, KnownTriples, filtered_rank_stats, metrics_from_stats
+from snag_dist.eval.filtered_sharded import full_filtered_ranks, sampled_filtered_ranks
+from snag_dist.eval.ranking import QueryShard, rank_stats, shard_bounds
 from snag_dist.model.snag import SNAG
 from snag_dist.model.spec import STRUCTURE
 from snag_dist.seeding import generator
@@ -348,8 +349,13 @@ class RotatEScorer:
 
     @torch.no_grad()
     def __call__(self, anchor_c: torch.Tensor, rel_c: torch.Tensor, predict_head: bool) -> torch.Tensor:
+        return self.score_vectors(self.table[anchor_c.to(self.table.device)], rel_c, predict_head)
+
+    @torch.no_grad()
+    def score_vectors(self, anchor_c2D: torch.Tensor, rel_c: torch.Tensor, predict_head: bool) -> torch.Tensor:
+        """(c, N) scores of every table row as the missing entity, given the anchors' vectors."""
         dev = self.table.device
-        a_re, a_im = self.rotate.anchor(self.table[anchor_c.to(dev)], rel_c.to(dev), predict_head)
+        a_re, a_im = self.rotate.anchor(anchor_c2D.to(dev), rel_c.to(dev), predict_head)
         a_re, a_im = a_re.float().contiguous(), a_im.float().contiguous()
         if self.rotate.norm == "l2":
             return self._l2(torch.cat([a_re, a_im], -1))
@@ -394,7 +400,6 @@ class RotatEScorer:
 
 # -- the task ----------------------------------------------------------------------------------
 class CompletionTask:
-    metric = "mrr"
 
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  comm: Comm | None = None) -> None:
@@ -523,11 +528,32 @@ class CompletionTask:
         if self.table is not None:
             set_structure_noise_stats(module.model, self.table)
 
-    def evaluate(self, module: CompletionModule, split: str) -> dict[str, float]:
+    @property
+    def metric(self) -> str:
+        k = self.cfg.eval.completion_candidates
+        return "mrr" if k == 0 else f"sampled-{k}/mrr"
+
+    def evaluate(self, module: CompletionModule, split: str) -> dict[str, float | str]:
         triples = self.triples[split]
         if len(triples) == 0:
             extra = " not in train (task.completion.dedupe_valid)" if split == "valid" and self.ccfg.dedupe_valid else ""
             raise DataError(f"no '{split}' triples{extra} to evaluate on")
+        limit = self.cfg.eval.max_queries
+        if limit and limit < len(triples):
+            triples = triples[:limit]
+        if self.stream or self.cfg.eval.completion_candidates:
+            stats, protocol = self._evaluate_sharded(module, triples)
+        else:
+            stats, protocol = self._evaluate_gathered(module, triples), "full-filtered"
+        metrics: dict[str, float | str] = dict(metrics_from_stats(stats))
+        if protocol != "full-filtered":  # ranks among K sampled entities: never under the full names
+            metrics = {f"{protocol}/{key}": value for key, value in metrics.items()}
+        metrics["protocol"] = protocol
+        metrics["queries"] = float(len(triples))
+        return metrics
+
+    def _evaluate_gathered(self, module: CompletionModule, triples: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Full path: every rank holds all N vectors and ranks its share of the queries."""
         table = self._entity_table(module)
         n, d = self.num_entities, module.rotate.dim
         kernel = self.ccfg.kernel
@@ -539,17 +565,49 @@ class CompletionTask:
         stats = filtered_rank_stats(scorer, triples, self.known, chunk, "realistic", shard=shard)
         if shard is not None:
             stats = {key: self.reduce_sum(value) for key, value in stats.items()}
-        return metrics_from_stats(stats)
+        return stats
+
+    def _evaluate_sharded(self, module: CompletionModule, triples: torch.Tensor,
+                          ) -> tuple[dict[str, torch.Tensor], str]:
+        """Stream path (or sampled candidates): each rank holds its block of the entity vectors and ranks
+        its block of the queries (eval/filtered_sharded.py); memory flat in N beyond that block."""
+        mine = self._my_vectors(module)
+        comm = self.comm
+        lo, hi = shard_bounds(len(triples), comm if comm.active else None)
+        kernel, d = self.ccfg.kernel, module.rotate.dim
+        work = 2.0 * len(triples) * self.num_entities * d / comm.world_size
+        compiled = kernel == "compiled" or (kernel == "auto" and work >= _COMPILE_WORK)
+
+        def block_score(anchor: torch.Tensor, rel: torch.Tensor, predict_head: bool, cand: torch.Tensor) -> torch.Tensor:
+            return RotatEScorer(module.rotate, cand, compiled).score_vectors(anchor, rel, predict_head)
+
+        k = self.cfg.eval.completion_candidates
+        if k:
+            ranks = sampled_filtered_ranks(block_score, mine, triples[lo:hi], lo, self.known, k,
+                                           self.cfg.train.seed, comm)
+        else:
+            chunk = max(1, min(self.cfg.eval.chunk_size, 1024))
+            block = max(256, (1 << 26) // (chunk * comm.world_size))  # one (chunk, W x block) score block ~256 MB
+            ranks = full_filtered_ranks(block_score, mine, triples[lo:hi], self.known, chunk, block, comm)
+        stats = {"head": rank_stats(ranks.head, COMPLETION_HITS), "tail": rank_stats(ranks.tail, COMPLETION_HITS)}
+        stats = {key: comm.reduce_sum(value) for key, value in stats.items()}
+        return stats, f"sampled-{k}" if k else "full-filtered"
 
     def _entity_table(self, module: CompletionModule) -> torch.Tensor:
-        """(N, 2D) vectors of every entity; on the stream path each rank encodes its id range and
-        the ranges are gathered (every rank calls the sharded table the same number of times)."""
-        if not self.stream or not self.comm.active:
-            return module.entity_table(self.cfg.eval.chunk_size)
+        """(N, 2D) vectors of every entity on every rank (the full path's gathered evaluation)."""
+        return self.comm.gather_rows(self._my_vectors(module)) if self.stream else module.entity_table(
+            self.cfg.eval.chunk_size)
+
+    def _my_vectors(self, module: CompletionModule) -> torch.Tensor:
+        """This rank's contiguous block of the (N, 2D) entity vectors (`partition_range`). On the stream
+        path each rank encodes only its block, with the same number of model calls on every rank (the
+        sharded table exchanges rows on every call); the full path encodes all and slices."""
         from snag_dist.data.store import partition_range
 
         lo, hi = partition_range(self.num_entities, self.comm.rank, self.comm.world_size)
         chunk = self.cfg.eval.chunk_size
+        if not self.stream:
+            return module.entity_table(chunk)[lo:hi]
         spans = [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
         rounds = max(int(v) for v in self.comm.gather_rows(torch.tensor([len(spans)])).tolist())
         parts = []
@@ -558,8 +616,7 @@ class CompletionTask:
             rows = module.entity_table(chunk, torch.arange(a, b))
             if i < len(spans):
                 parts.append(rows)
-        mine = torch.cat(parts) if parts else torch.zeros(0, 2 * module.rotate.dim)
-        return self.comm.gather_rows(mine)
+        return torch.cat(parts) if parts else torch.zeros(0, 2 * module.rotate.dim)
 
     def epoch_stats(self, module: CompletionModule) -> dict[str, object]:
         if module.last_weights is None:

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from snag_dist.engine.dist import Collectives
+from snag_dist.eval.filtered import KnownTriples
+from snag_dist.eval.filtered_sharded import full_filtered_ranks, sampled_filtered_ranks
 from snag_dist.eval.ranking import alignment_ranks, mutual_nearest_pairs, shard_bounds
 from snag_dist.eval.topk import IndexSpec, topk_alignment_ranks, topk_mutual_pairs
 
@@ -40,7 +42,30 @@ def results(comm) -> dict[str, torch.Tensor]:
         out[f"{name}.l2r"], out[f"{name}.r2l"] = top.l2r, top.r2l
         out[f"{name}.mnn"] = topk_mutual_pairs(src[lo:hi], tgt[lo:hi], links[lo:hi, 0], links[lo:hi, 1], 3, k,
                                                spec, comm, block=5)
+    out.update(completion(comm))
     return out
+
+
+def completion(comm) -> dict[str, torch.Tensor]:
+    """Filtered ranks with the entity vectors split over the ranks (uneven blocks) and the queries too."""
+    gen = torch.Generator().manual_seed(4)
+    n, r = 61, 3
+    vec, rel = torch.randn(n, 5, generator=gen), torch.randn(r, 5, generator=gen)
+    triples = torch.stack([torch.randint(0, n, (200,), generator=gen), torch.randint(0, r, (200,), generator=gen),
+                           torch.randint(0, n, (200,), generator=gen)], 1)
+    known = KnownTriples(triples, n, r)
+
+    def score(anchor, rel_c, predict_head, cand):
+        return -torch.cdist(anchor * (-rel[rel_c] if predict_head else rel[rel_c]), cand, p=1).round()
+
+    world, rank = (comm.world_size, comm.rank) if comm is not None else (1, 0)
+    cut = [0, 20, 45, n][: world] + [n] if world > 1 else [0, n]  # uneven blocks of rows
+    mine = vec[cut[rank]:cut[rank + 1]]
+    lo, hi = shard_bounds(len(triples), comm)
+    full = full_filtered_ranks(score, mine, triples[lo:hi], known, chunk=9, block=7, comm=comm)
+    sampled = sampled_filtered_ranks(score, mine, triples[lo:hi], lo, known, 17, 5, comm)
+    return {"full.head": full.head, "full.tail": full.tail, "sampled.head": sampled.head,
+            "sampled.tail": sampled.tail}
 
 
 def main() -> None:
