@@ -32,7 +32,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from snag_dist.engine.run import evaluate_run
     from snag_dist.report import print_rows
 
-    results = evaluate_run(args.run_dir, tuple(args.splits.split(",")), args.set)
+    results = evaluate_run(args.run_dir, tuple(args.splits.split(",")), args.set, args.checkpoint)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the same result
         return 0
     rows = [(f"{split} {k}", f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -55,11 +55,12 @@ def _add_train(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a run's best checkpoint")
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint (under torchrun: sharded over the processes)")
     p.add_argument("run_dir")
     p.add_argument("--splits", default="valid,test", help="comma-separated splits to evaluate")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="dotted override of the run's config, e.g. eval.protocol=topk")
+    p.add_argument("--checkpoint", default="best", help="checkpoint folder name under RUN/checkpoints")
     p.add_argument("--json", default="", help="also write the metrics to this JSON file")
     p.set_defaults(fn=_cmd_eval)
 

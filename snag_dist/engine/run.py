@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -49,14 +50,16 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
 
 
 def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"),
-                 overrides: list[str] | None = None) -> dict[str, dict[str, float]]:
-    """Metrics of a run's best checkpoint. Under torchrun every process evaluates its share (the
+                 overrides: list[str] | None = None, checkpoint: str = "best") -> dict[str, dict[str, float]]:
+    """Metrics of a run's checkpoint (``best`` by default). Under torchrun every process evaluates its share (the
     task's sharded protocols) and loads only its rows of a sharded table; all get the same result."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run folder (no config.yaml)")
     cfg = load_config(str(run_dir / "config.yaml"), overrides)
-    best = run_dir / "checkpoints" / "best"
+    best = run_dir / "checkpoints" / checkpoint
+    if not best.is_dir():
+        raise CheckpointError(f"{best}: no such checkpoint (see {run_dir / 'checkpoints'})")
     model_state, _, _ = load_checkpoint(best)
     comm, device = _eval_collectives()
     task = TASKS.get(cfg.task.name)(cfg, comm.rank, comm.world_size, device, comm=comm)
@@ -66,7 +69,11 @@ def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"
         table.load_shards(load_rank_files(best, "table", rows=(table.start, table.stop), keys=("range", "weight")))
     if hasattr(task, "load_state_dict"):  # e.g. the pseudo links the best epoch trained with
         task.load_state_dict(load_task_state(best))
-    return {s: task.evaluate(task.module, s) for s in splits}
+    out = {}
+    for split in splits:
+        start = time.perf_counter()
+        out[split] = {**task.evaluate(task.module, split), "eval_seconds": time.perf_counter() - start}
+    return out
 
 
 def _eval_collectives() -> tuple[Collectives, torch.device]:

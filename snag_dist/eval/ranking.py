@@ -47,6 +47,8 @@ from torch import Tensor
 
 Ties = Literal["optimistic", "realistic", "pessimistic"]
 DEFAULT_HITS: tuple[int, ...] = (1, 10)
+# Best cosines pass 1 keeps per row and column (alignment ranks): most queries then need no pass 2.
+_KEEP = 32
 # Rows scored at a time in pass 2: 512 x 10,500 floats (21 MB) stay in cache between the
 # subtract / compare / sum steps, which a whole chunk would not.
 _SUB_ROWS = 512
@@ -126,11 +128,21 @@ class TopK:
 
 
 @dataclass(frozen=True)
+class _Top:
+    """The best cosines of rows (n, t) or columns (t, m), best first, and their column / row indices."""
+
+    values: Tensor
+    rows: Tensor  # for columns: source row of each value; for rows: target column
+
+
+@dataclass(frozen=True)
 class Hubness:
-    """CSLS penalties of both sides (zeros when k = 0)."""
+    """CSLS penalties of both sides (zeros when k = 0), and optionally the kept best cosines."""
 
     r_tgt_n: Tensor  # (n,) mean cos of each source to its k nearest targets
     r_src_m: Tensor  # (m,) mean cos of each target to its k nearest sources
+    row_top: _Top | None = None  # (n', t) of this process's source rows
+    col_top: _Top | None = None  # (t, m) over all source rows
 
 
 @dataclass
@@ -212,42 +224,47 @@ def _descending_key(vals: Tensor) -> Tensor:
     return (2**31 - 1) - ascending
 
 
-def _merge_sparse(top_km: Tensor, rows: Tensor, cols: Tensor, cos_cm: Tensor) -> Tensor:
+def _merge_sparse(top: _Top, rows: Tensor, cols: Tensor, cos_cm: Tensor, row0: int) -> _Top:
     """Running top-k (k, m) updated with the few entries (rows, cols) of cos_cm above its k-th."""
-    k, m = top_km.shape
+    k, m = top.values.shape
     touched = torch.zeros(m, dtype=torch.bool, device=cos_cm.device)
     touched[cols] = True
     t_cols = touched.nonzero().squeeze(1)
-    vals = torch.cat([top_km[:, t_cols].reshape(-1), cos_cm[rows, cols]])
+    vals = torch.cat([top.values[:, t_cols].reshape(-1), cos_cm[rows, cols]])
+    ids = torch.cat([top.rows[:, t_cols].reshape(-1), rows + row0])
     col_ids = torch.cat([t_cols.repeat(k), cols])
     # Column-major, best first within a column.
     order = (col_ids * 2**32 + _descending_key(vals)).argsort()
-    vals, col_ids = vals[order], col_ids[order]
+    vals, col_ids, ids = vals[order], col_ids[order], ids[order]
     per_col = torch.bincount(col_ids, minlength=m)
     pos = torch.arange(vals.numel(), device=vals.device) - (per_col.cumsum(0) - per_col)[col_ids]
     keep = pos < k
-    out = top_km.clone()
-    out[pos[keep], col_ids[keep]] = vals[keep]
+    out = _Top(top.values.clone(), top.rows.clone())
+    out.values[pos[keep], col_ids[keep]] = vals[keep]
+    out.rows[pos[keep], col_ids[keep]] = ids[keep]
     return out
 
 
-def _merge_block(top_km: Tensor, cos_cm: Tensor, mask_cm: Tensor, dense: bool) -> Tensor:
+def _merge_block(top: _Top, cos_cm: Tensor, mask_cm: Tensor, dense: bool, row0: int) -> _Top:
     """Running top-k (k, m) of every column, best first, updated with the rows of cos_cm."""
-    k = top_km.shape[0]
+    k = top.values.shape[0]
     if not dense:
         # topk along dim 0 is slow on CPU; once seeded, few entries beat the running k-th value.
-        torch.gt(cos_cm, top_km[-1], out=mask_cm)
+        torch.gt(cos_cm, top.values[-1], out=mask_cm)
         rows, cols = mask_cm.nonzero(as_tuple=True)
         if rows.numel() == 0:
-            return top_km
+            return top
         dense = rows.numel() * 16 > cos_cm.numel()  # e.g. rows sorted by similarity
         if not dense:
-            return _merge_sparse(top_km, rows, cols, cos_cm)
-    both = torch.cat([top_km, cos_cm.topk(min(k, cos_cm.shape[0]), dim=0).values])
-    return both.topk(k, dim=0).values
+            return _merge_sparse(top, rows, cols, cos_cm, row0)
+    block = cos_cm.topk(min(k, cos_cm.shape[0]), dim=0)
+    both = torch.cat([top.values, block.values])
+    both_rows = torch.cat([top.rows, block.indices + row0])
+    best = both.topk(k, dim=0)
+    return _Top(best.values, both_rows.gather(0, best.indices))
 
 
-def _merge_column_topk(top_km: Tensor, cos_cm: Tensor, mask_flat: Tensor, seeded: bool) -> Tensor:
+def _merge_column_topk(top: _Top, cos_cm: Tensor, mask_flat: Tensor, seeded: bool, row0: int) -> _Top:
     # Unseeded (first chunk): row blocks growing 4x, the first, small one seeding the running
     # top-k with a cheap dense top-k, so that few entries of each bigger block beat the running
     # k-th value. Seeded: the whole chunk at once (fewer, larger ops).
@@ -255,33 +272,40 @@ def _merge_column_topk(top_km: Tensor, cos_cm: Tensor, mask_flat: Tensor, seeded
     while a < cos_cm.shape[0]:
         b = min(cos_cm.shape[0], a + size)
         mask_cm = mask_flat[: (b - a) * m].view(b - a, m)
-        top_km = _merge_block(top_km, cos_cm[a:b], mask_cm, dense=not seeded)
+        top = _merge_block(top, cos_cm[a:b], mask_cm, not seeded, row0 + a)
         a, size, seeded = b, size * 4, True
-    return top_km
+    return top
 
 
 def _hubness(src_n: Tensor, tgt_n: Tensor, k: int, ws: _Workspace, chunk: int,
-             rows: tuple[int, int] | None = None, comm: Collective | None = None) -> Hubness:
+             rows: tuple[int, int] | None = None, comm: Collective | None = None, keep: int = 0) -> Hubness:
     """Pass 1 over source rows ``rows`` (all by default), leaving its last blocks cached in the
-    workspace; with ``comm``, every rank's rows are combined into the penalties of all rows."""
+    workspace; with ``comm``, every rank's rows are combined into the penalties of all rows. With
+    ``keep`` > k, also the ``keep`` best cosines of each row and column (and where they are)."""
     n, m = src_n.shape[0], tgt_n.shape[0]
     if k == 0 or n == 0 or m == 0:
         return Hubness(src_n.new_zeros(n), tgt_n.new_zeros(m))
     lo, hi = rows or (0, n)
     r_tgt_n = src_n.new_empty(hi - lo)
-    kk = min(k, n)
-    top_km = tgt_n.new_full((kk, m), float("-inf"))
+    kk, t_row, t_col = min(k, n), min(max(k, keep), m), min(max(k, keep), n)
+    row_top = _Top(src_n.new_empty(hi - lo, t_row), torch.empty(hi - lo, t_row, dtype=torch.long, device=src_n.device))
+    top = _Top(tgt_n.new_full((t_col, m), float("-inf")), torch.full((t_col, m), -1, dtype=torch.long,
+                                                                      device=tgt_n.device))
     # Backwards, so the blocks left in the buffers are the first ones, where pass 2 starts.
     for i, (a, b) in enumerate(reversed(_spans(lo, hi, chunk))):
         idx, cos_cm = ws.fresh(b - a, m)
         torch.mm(src_n[a:b], tgt_n.T, out=cos_cm)
         ws.cached[(a, b)] = idx
-        r_tgt_n[a - lo:b - lo] = cos_cm.topk(min(k, m), dim=1).values.mean(1)
-        top_km = _merge_column_topk(top_km, cos_cm, ws.mask, seeded=i > 0)
+        best = cos_cm.topk(t_row, dim=1)
+        r_tgt_n[a - lo:b - lo] = best.values[:, :min(k, m)].mean(1)
+        row_top.values[a - lo:b - lo], row_top.rows[a - lo:b - lo] = best.values, best.indices
+        top = _merge_column_topk(top, cos_cm, ws.mask, i > 0, a)
     if _many(comm):  # a rank with fewer than k rows leaves -inf rows: the union has n >= kk real ones
         r_tgt_n = comm.gather_rows(r_tgt_n)
-        top_km = comm.gather_rows(top_km).topk(kk, dim=0).values
-    return Hubness(r_tgt_n, top_km.mean(0))
+        values, at = comm.gather_rows(top.values), comm.gather_rows(top.rows)
+        best = values.topk(t_col, dim=0)
+        top = _Top(best.values, at.gather(0, best.indices))
+    return Hubness(r_tgt_n, top.values[:kk].mean(0), row_top if keep else None, top if keep else None)
 
 
 def csls_hubness(src: Tensor, tgt: Tensor, k: int, chunk: int) -> Hubness:
@@ -291,13 +315,13 @@ def csls_hubness(src: Tensor, tgt: Tensor, k: int, chunk: int) -> Hubness:
 
 
 def _problem(src: Tensor, tgt: Tensor, k: int, chunk: int, ties: Ties,
-             rows: tuple[int, int] | None = None, comm: Collective | None = None) -> _Problem:
+             rows: tuple[int, int] | None = None, comm: Collective | None = None, keep: int = 0) -> _Problem:
     if chunk < 1 or k < 0:
         raise ValueError(f"need chunk >= 1 and k >= 0, got chunk={chunk} k={k}")
     src_n, tgt_n = _unit(src), _unit(tgt)
     own = src_n.shape[0] if rows is None else rows[1] - rows[0]
     ws = _Workspace.create(src_n, chunk, own, tgt_n.shape[0])
-    hub = _hubness(src_n, tgt_n, k, ws, chunk, rows, comm)
+    hub = _hubness(src_n, tgt_n, k, ws, chunk, rows, comm, keep)
     half_r_tgt, half_r_src = 0.5 * hub.r_tgt_n, 0.5 * hub.r_src_m
     return _Problem(src_n, tgt_n, hub, half_r_tgt, half_r_src, ws, chunk, ties != "optimistic")
 
@@ -421,8 +445,10 @@ def alignment_ranks(
     links = links.to(emb.device, torch.long)
     n_links = links.shape[0]
     lo, hi = shard_bounds(n_links, comm)
-    p = _problem(emb[links[:, 0]], emb[links[:, 1]], k, chunk, ties, (lo, hi), comm)
+    p = _problem(emb[links[:, 0]], emb[links[:, 1]], k, chunk, ties, (lo, hi), comm, _KEEP if k else 0)
     pair_l = (p.src_n * p.tgt_n).sum(1)  # cos of each gold pair
+    if p.hub.row_top is not None:
+        return _ranks_from_kept(p, pair_l, (lo, hi), ties, comm)
     zeros = pair_l.new_zeros(n_links, dtype=torch.float64)
     cols = _Counts(zeros, zeros.clone() if p.equal else None)  # r2l counts of every column over my rows
     l2r = [zeros[:0]]
@@ -434,6 +460,69 @@ def alignment_ranks(
     if _many(comm):
         cols = _Counts(comm.reduce_sum(cols.greater), None if cols.equal is None else comm.reduce_sum(cols.equal))
     return AlignmentRanks(torch.cat(l2r), _ranks(cols, ties)[lo:hi])
+
+
+def _kept_counts(values: Tensor, at: Tensor, own: Tensor, half_r: Tensor, gold: Tensor, dim: int,
+                 ) -> tuple[Tensor, Tensor]:
+    """Kept cosines that beat / equal each query's gold score (its own entry excluded)."""
+    score = values - half_r[at.clamp_min(0)]
+    other = at != own
+    g = gold.unsqueeze(dim)
+    return ((score > g) & other).sum(dim).double(), ((score == g) & other).sum(dim).double()
+
+
+def _ranks_from_kept(p: _Problem, pair_l: Tensor, rows: tuple[int, int], ties: Ties,
+                     comm: Collective | None) -> AlignmentRanks:
+    """Pass 2 only where pass 1's kept cosines cannot decide the rank.
+
+    A query's rank is decided by its kept best cosines when even the best cosine it did not keep
+    (<= the last kept one), minus the smallest penalty, stays below its gold score: float
+    subtraction is monotonic, so no dropped candidate can beat or tie the gold. For a trained model
+    that is almost every query; the others (the gold far down, or hubs with extreme penalties) are
+    recomputed exactly, rows of this rank for l2r and columns (over this rank's rows, summed) for r2l.
+    """
+    (lo, hi), dev = rows, pair_l.device
+    n, m = p.src_n.shape[0], p.tgt_n.shape[0]
+    half_src, half_tgt = p.half_r_src_m, p.half_r_tgt_n
+    # l2r: this rank's rows; gold of row i is column i
+    top = p.hub.row_top
+    own = torch.arange(lo, hi, device=dev)
+    gold_r = pair_l[lo:hi] - half_src[lo:hi]
+    greater, equal = _kept_counts(top.values, top.rows, own[:, None], half_src, gold_r, 1)
+    decided = top.values[:, -1] - half_src.min() < gold_r if top.values.shape[1] < m else torch.ones_like(gold_r, dtype=torch.bool)
+    redo = own[~decided]
+    for a, b in _spans(0, len(redo), p.chunk):
+        ids = redo[a:b]
+        _, cos = p.ws.fresh(b - a, m)
+        torch.mm(p.src_n[ids], p.tgt_n.T, out=cos)
+        counts = _row_counts(p, cos, ids, pair_l[ids])
+        greater[ids - lo] = counts.greater
+        if counts.equal is not None:
+            equal[ids - lo] = counts.equal
+    l2r = _ranks(_Counts(greater, equal if p.equal else None), ties)
+    # r2l: every column; gold of column j is row j
+    top = p.hub.col_top
+    cols = torch.arange(m, device=dev)
+    gold_c = pair_l - half_tgt[:m]
+    c_greater, c_equal = _kept_counts(top.values, top.rows, cols[None], half_tgt, gold_c, 0)
+    decided = top.values[-1] - half_tgt.min() < gold_c if top.values.shape[0] < n else torch.ones_like(gold_c, dtype=torch.bool)
+    redo = cols[~decided]  # the same on every rank (the merged column tops are)
+    if len(redo):
+        part_g = torch.zeros(len(redo), dtype=torch.float64, device=dev)
+        part_e = torch.zeros_like(part_g)
+        gold = gold_c[redo]
+        tgt_u = p.tgt_n[redo]
+        for a, b in _spans(lo, hi, p.chunk):
+            score = torch.mm(p.src_n[a:b], tgt_u.T).sub_(half_tgt[a:b].unsqueeze(1))
+            score[(torch.arange(a, b, device=dev)[:, None] == redo[None])] = float("nan")  # own entry
+            part_g += (score > gold).sum(0).double()
+            if p.equal:
+                part_e += (score == gold).sum(0).double()
+        if _many(comm):
+            part_g, part_e = comm.reduce_sum(part_g), comm.reduce_sum(part_e)
+        c_greater[redo], c_equal[redo] = part_g, part_e
+    r2l = _ranks(_Counts(c_greater, c_equal if p.equal else None), ties)[lo:hi]
+    return AlignmentRanks(l2r, r2l)
 
 
 def alignment_metrics(

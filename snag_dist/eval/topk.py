@@ -202,8 +202,9 @@ class TopkScores:
     bwd_csls: Tensor  # (q_tgt, K)
 
 
-def _csls(src: Tensor, tgt: Tensor, k_csls: int, k: int, spec: IndexSpec, comm: Exchange | None,
-          block: int) -> TopkScores:
+def csls_candidates(src: Tensor, tgt: Tensor, k_csls: int, k: int, spec: IndexSpec, comm: Exchange | None = None,
+                    block: int = 65_536) -> TopkScores:
+    """Both directions' K cosine candidates of this rank's rows, re-scored by CSLS (best cosine first)."""
     _check(k, k_csls)
     fwd = knn(src, tgt, k, spec, comm, block)  # my sources -> all targets
     bwd = knn(tgt, src, k, spec, comm, block)  # my targets -> all sources
@@ -240,7 +241,7 @@ def topk_alignment_ranks(src: Tensor, tgt: Tensor, k_csls: int, k: int, spec: In
     lo, hi = shard_bounds(n_links, comm)
     if hi - lo != len(src) or len(tgt) != len(src):
         raise ValueError(f"rank holds {len(src)} / {len(tgt)} links, its block of {n_links} is {hi - lo}")
-    s = _csls(src, tgt, k_csls, k, spec, comm, block)
+    s = csls_candidates(src, tgt, k_csls, k, spec, comm, block)
     gold = torch.arange(lo, hi)
     return AlignmentRanks(_gold_ranks(s.fwd_csls, s.fwd.ids, gold), _gold_ranks(s.bwd_csls, s.bwd.ids, gold))
 
@@ -251,7 +252,7 @@ def topk_mutual_pairs(left: Tensor, right: Tensor, left_ids: Tensor, right_ids: 
 
     ``left``/``right`` are this rank's blocks of the two sides' embeddings, ``left_ids``/``right_ids``
     their entity ids. Ties go to the lowest row, as in `ranking.mutual_nearest_pairs`."""
-    s = _csls(left, right, k_csls, k, spec, comm, block)
+    s = csls_candidates(left, right, k_csls, k, spec, comm, block)
     best_right = _best(s.fwd_csls, s.fwd.ids)  # global right row of each of my left rows (-1: none)
     best_left = _best(s.bwd_csls, s.bwd.ids)  # global left row of each of my right rows
     lo = 0

@@ -221,3 +221,20 @@ def test_eval_layer_stays_process_free():
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
             assert not [n for n in names if n.startswith(("torch.distributed", "accelerate", "deepspeed"))]
         assert ".cuda(" not in source
+
+
+@pytest.mark.parametrize("keep", [1, 3, 6, 1000])
+@pytest.mark.parametrize("ties", ["optimistic", "realistic"])
+def test_kept_cosines_decide_or_recompute_exactly(monkeypatch, keep, ties):
+    """Pass 1 keeps `keep` best cosines per row / column; undecided queries are recomputed: any keep is exact."""
+    import snag_dist.eval.ranking as ranking
+
+    monkeypatch.setattr(ranking, "_KEEP", keep)
+    emb, links = _links_case(seed=3, num_links=60, dim=4)
+    emb = (emb * 2).round() / 2  # coarse values: exact ties between candidates
+    monkeypatch.setattr(ranking, "_KEEP", 1000)
+    want = alignment_ranks(emb, links, k=3, chunk=7, ties=ties)
+    monkeypatch.setattr(ranking, "_KEEP", keep)
+    got = alignment_ranks(emb, links, k=3, chunk=7, ties=ties)
+    assert torch.equal(got.l2r, want.l2r) and torch.equal(got.r2l, want.r2l)
+    assert want.l2r.max() > 5 and (want.l2r != want.l2r.round()).any() == (ties == "realistic")
