@@ -512,12 +512,15 @@ def _ranks_from_kept(p: _Problem, pair_l: Tensor, rows: tuple[int, int], ties: T
         part_e = torch.zeros_like(part_g)
         gold = gold_c[redo]
         tgt_u = p.tgt_n[redo]
-        for a, b in _spans(lo, hi, p.chunk):
-            score = torch.mm(p.src_n[a:b], tgt_u.T).sub_(half_tgt[a:b].unsqueeze(1))
-            score[(torch.arange(a, b, device=dev)[:, None] == redo[None])] = float("nan")  # own entry
-            part_g += (score > gold).sum(0).double()
-            if p.equal:
-                part_e += (score == gold).sum(0).double()
+        for a, b in _spans(lo, hi, min(_SUB_ROWS, p.chunk)):  # the scratch holds that many rows
+            score = p.ws.score(b - a, len(redo))
+            torch.mm(p.src_n[a:b], tgt_u.T, out=score).sub_(half_tgt[a:b].unsqueeze(1))
+            inside = redo[(redo >= a) & (redo < b)]  # own entries (row j, column j) in this block
+            score[inside - a, torch.searchsorted(redo, inside)] = float("nan")
+            counts = _count_beats(score, gold.unsqueeze(0), 0, p.equal)
+            part_g += counts.greater
+            if counts.equal is not None:
+                part_e += counts.equal
         if _many(comm):
             part_g, part_e = comm.reduce_sum(part_g), comm.reduce_sum(part_e)
         c_greater[redo], c_equal[redo] = part_g, part_e

@@ -113,7 +113,7 @@ def _build(base: np.ndarray, k: int, spec: IndexSpec):
         index.nprobe = min(lists, spec.probe)
     if n:
         index.add(base)
-    if _gpu_ok(faiss):
+    if spec.kind != "hnsw" and _gpu_ok(faiss):  # faiss has no GPU HNSW
         index = faiss.index_cpu_to_all_gpus(index)
     return index
 
@@ -151,12 +151,12 @@ def knn(queries: Tensor, base: Tensor, k: int, spec: IndexSpec, comm: Exchange |
     if k < 1:
         raise ConfigError(f"eval.topk must be >= 1, got {k}")
     q_np = F.normalize(queries.float(), dim=1).cpu().numpy()
-    b_np = F.normalize(base.float(), dim=1).cpu().numpy()
-    index = _build(np.ascontiguousarray(b_np), k, spec)
+    n_base = len(base)
+    index = _build(np.ascontiguousarray(F.normalize(base.float(), dim=1).cpu().numpy()), k, spec)  # the index's copy only
     if not _many(comm):
-        cos, ids = _search(index, q_np, k, len(b_np), 0)
+        cos, ids = _search(index, q_np, k, n_base, 0)
         return Candidates(ids, cos)
-    sizes = comm.sizes(len(b_np), torch.device("cpu"))
+    sizes = comm.sizes(n_base, torch.device("cpu"))
     offset = sum(sizes[: comm.rank])
     n_q = len(q_np)
     rounds = max(int(v) for v in comm.gather_rows(torch.tensor([-(-n_q // block)])).tolist())
@@ -165,7 +165,7 @@ def knn(queries: Tensor, base: Tensor, k: int, spec: IndexSpec, comm: Exchange |
         mine = torch.from_numpy(q_np[r * block:(r + 1) * block])
         q_sizes = comm.sizes(len(mine), torch.device("cpu"))
         every = comm.gather_rows(mine, q_sizes)  # all ranks' query blocks
-        cos, ids = _search(index, np.ascontiguousarray(every.numpy()), k, len(b_np), offset)
+        cos, ids = _search(index, np.ascontiguousarray(every.numpy()), k, n_base, offset)
         # back to each query's owner: (cosines, ids) of my index for its queries
         packed = torch.cat([cos.double(), ids.double()], 1)
         recv, _ = comm.all_to_all(packed, q_sizes)

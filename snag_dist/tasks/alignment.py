@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -266,7 +267,9 @@ class AlignmentTask:
             raise DataError(f"no '{split}' links to evaluate on")
         comm = self.comm if self.comm.active else None
         lo, hi = shard_bounds(len(links), comm)
+        start = time.perf_counter()
         src, tgt = self._embed_blocks(module, [links[lo:hi, 0], links[lo:hi, 1]])
+        embedded = time.perf_counter()
         protocol = self._protocol(len(links))
         k, chunk = self.acfg.csls_k, self.cfg.eval.chunk_size
         if protocol == "exact":
@@ -290,6 +293,7 @@ class AlignmentTask:
             found = sum(torch.isfinite(r.cpu()).sum() for r in (ranks.l2r, ranks.r2l)).double().view(1)
             metrics["candidate_recall"] = float(self.comm.reduce_sum(found).item()) / (2 * len(links))
         metrics["protocol"] = "exact" if protocol == "exact" else self._index_spec().describe(self.cfg.eval.topk)
+        metrics["embed_seconds"], metrics["rank_seconds"] = embedded - start, time.perf_counter() - embedded
         metrics["pseudo_links"] = float(len(self.pseudo))
         if len(self.pseudo) and len(self.links["test"]):
             # Report only: the share of pseudo links that are held-out gold links (never used in training).

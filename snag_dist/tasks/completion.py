@@ -54,6 +54,7 @@ N entities, R relations, H hidden, D complex dimension.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -541,15 +542,20 @@ class CompletionTask:
         limit = self.cfg.eval.max_queries
         if limit and limit < len(triples):
             triples = triples[:limit]
+        start, self._embed_seconds = time.perf_counter(), math.nan
         if self.stream or self.cfg.eval.completion_candidates:
             stats, protocol = self._evaluate_sharded(module, triples)
         else:
             stats, protocol = self._evaluate_gathered(module, triples), "full-filtered"
+        rank_seconds = time.perf_counter() - start - (0.0 if math.isnan(self._embed_seconds) else self._embed_seconds)
         metrics: dict[str, float | str] = dict(metrics_from_stats(stats))
         if protocol != "full-filtered":  # ranks among K sampled entities: never under the full names
             metrics = {f"{protocol}/{key}": value for key, value in metrics.items()}
         metrics["protocol"] = protocol
         metrics["queries"] = float(len(triples))
+        if not math.isnan(self._embed_seconds):
+            metrics["embed_seconds"] = self._embed_seconds
+        metrics["rank_seconds"] = rank_seconds
         return metrics
 
     def _evaluate_gathered(self, module: CompletionModule, triples: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -571,7 +577,9 @@ class CompletionTask:
                           ) -> tuple[dict[str, torch.Tensor], str]:
         """Stream path (or sampled candidates): each rank holds its block of the entity vectors and ranks
         its block of the queries (eval/filtered_sharded.py); memory flat in N beyond that block."""
+        start = time.perf_counter()
         mine = self._my_vectors(module)
+        self._embed_seconds = time.perf_counter() - start
         comm = self.comm
         lo, hi = shard_bounds(len(triples), comm if comm.active else None)
         kernel, d = self.ccfg.kernel, module.rotate.dim

@@ -254,9 +254,14 @@ def test_short_run_on_the_sample_learns(mini_shards, tmp_path):
     torch.set_num_threads(1)  # see snag_dist_cli
     try:
         again = evaluate_run(run, ("test",))
+        # the sampled protocol: its own metric names, never "mrr"; the same draw for any process count
+        sampled = evaluate_run(run, ("test",), ["eval.completion_candidates=50", "eval.max_queries=120"])["test"]
     finally:
         torch.set_num_threads(threads)
     assert again["test"]["mrr"] == pytest.approx(test["mrr"])
+    assert records[0]["protocol"] == again["test"]["protocol"] == "full-filtered"
+    assert sampled["protocol"] == "sampled-50" and sampled["queries"] == 120.0
+    assert "mrr" not in sampled and sampled["sampled-50/mrr"] > test["mrr"]  # among 50, not 2,500
     _check_export(run, tmp_path / "export", test)
 
 
