@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["100K", "1M"])
     ap.add_argument("--nproc", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--train-steps", type=int, default=5)
+    ap.add_argument("--skip-train", action="store_true", help="evaluate the run folders an earlier call trained")
     ap.add_argument("--train-set", action="append", default=[], help="extra training overrides")
     ap.add_argument("--set", action="append", default=[], help="evaluation overrides")
     ap.add_argument("--work", default="/tmp/snag-bench-scale")
@@ -72,7 +73,8 @@ def main() -> None:
         n = size(text)
         shards = shards_for(work, args.task, n)
         run = work / f"evalrun-{args.task}-{n}"
-        trained = run_train(shards, run, args.task, 2, "accelerate", args.train_steps, args.train_set)
+        trained = {} if args.skip_train else run_train(shards, run, args.task, 2, "accelerate", args.train_steps,
+                                                       args.train_set)
         if "error" in trained:
             print(f"| {args.task} | {text} | train FAILED: {trained['error']} |", flush=True)
             continue

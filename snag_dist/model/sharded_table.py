@@ -142,12 +142,14 @@ class ShardedTable:
         return chunks
 
     def load_shards(self, shards: list[dict[str, torch.Tensor]]) -> None:
-        """Load this rank's range from the saved ranges of any number of ranks (they tile [0, N))."""
+        """Load this rank's range from saved ranges of any number of ranks: all of them (they tile
+        [0, N)) or just contiguous ones covering this rank's rows."""
         shards = sorted(shards, key=lambda s: int(s["range"][0]))
         cover = [(int(s["range"][0]), int(s["range"][1])) for s in shards]
-        if not cover or cover[0][0] != 0 or cover[-1][1] != self.num_rows or any(
+        if not cover or cover[0][0] > self.start or cover[-1][1] < self.stop or cover[-1][1] > self.num_rows or any(
                 a[1] != b[0] for a, b in zip(cover, cover[1:])):
-            raise ValueError(f"saved table ranges {cover} do not tile [0, {self.num_rows})")
+            raise ValueError(f"saved table ranges {cover} do not cover rows [{self.start}, {self.stop}) of "
+                             f"[0, {self.num_rows}) contiguously")
 
         def cut(key: str) -> torch.Tensor:
             parts = []
