@@ -103,6 +103,14 @@ def _columns(triples: Tensor, predict_head: bool) -> tuple[Tensor, Tensor, Tenso
     return triples[:, anchor_col], triples[:, 1], triples[:, target_col]
 
 
+def _direction(block_score: BlockScore, mine: Tensor, triples: Tensor, predict_head: bool, comm: Exchange,
+               starts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(anchor ids, relations, target ids, anchor vectors, gold scores) of the queries of one direction."""
+    anchor_id, rel, target = _columns(triples, predict_head)
+    anchor, gold_vec = fetch_rows(mine, anchor_id, comm, starts), fetch_rows(mine, target, comm, starts)
+    return anchor_id, rel, target, anchor, _gold_scores(block_score, anchor, rel, gold_vec, predict_head, 256)
+
+
 def _gold_scores(block_score: BlockScore, anchor: Tensor, rel: Tensor, target: Tensor, predict_head: bool,
                  chunk: int) -> Tensor:
     """Score of each query's own gold, by the same block function as the candidates."""
@@ -145,9 +153,7 @@ def full_filtered_ranks(block_score: BlockScore, mine: Tensor, triples_Q3: Tenso
     out: dict[str, Tensor] = {}
     for direction in DIRECTIONS:
         predict_head = direction == "head"
-        anchor_id, rel, target = _columns(triples, predict_head)
-        anchor, gold_vec = fetch_rows(mine, anchor_id, comm, starts), fetch_rows(mine, target, comm, starts)
-        gold = _gold_scores(block_score, anchor, rel, gold_vec, predict_head, 256)
+        anchor_id, rel, target, anchor, gold = _direction(block_score, mine, triples, predict_head, comm, starts)
         rows_k, cols_k = known.answers(anchor_id, rel, predict_head)  # rows ascending
         greater = torch.zeros(len(triples), dtype=torch.float64)
         equal = torch.zeros(len(triples), dtype=torch.float64)
@@ -205,9 +211,7 @@ def sampled_filtered_ranks(block_score: BlockScore, mine: Tensor, triples_Q3: Te
     out: dict[str, Tensor] = {}
     for direction in DIRECTIONS:
         predict_head = direction == "head"
-        anchor_id, rel, target = _columns(triples, predict_head)
-        anchor, gold_vec = fetch_rows(mine, anchor_id, comm, starts), fetch_rows(mine, target, comm, starts)
-        gold = _gold_scores(block_score, anchor, rel, gold_vec, predict_head, 256)
+        anchor_id, rel, target, anchor, gold = _direction(block_score, mine, triples, predict_head, comm, starts)
         ranks = torch.zeros(q, dtype=torch.float64)
         for i in range(rounds):  # the same number of fetches on every rank
             a, b = spans[i] if i < len(spans) else (0, 0)
