@@ -72,7 +72,8 @@ def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"
     out = {}
     for split in splits:
         start = time.perf_counter()
-        out[split] = {**task.evaluate(task.module, split), "eval_seconds": time.perf_counter() - start}
+        metrics = task.evaluate(task.module, split)
+        out[split] = {**metrics, **getattr(task, "eval_seconds", {}), "eval_seconds": time.perf_counter() - start}
     return out
 
 
