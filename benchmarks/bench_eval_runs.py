@@ -21,36 +21,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scale import GIB, ROOT, PeakRss, run_train, shards_for, size  # noqa: E402
+from bench_scale import GIB, launch, run_train, shards_for, size  # noqa: E402
 
 
 def run_eval(run: Path, nproc: int, sets: list[str], out_json: Path) -> dict:
     ckpt = max((run / "checkpoints").iterdir(), key=lambda p: p.stat().st_mtime).name
     args = ["eval", str(run), "--splits", "test", "--checkpoint", ckpt, "--json", str(out_json),
             *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
-    if nproc > 1:
-        env["OMP_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               "-m", "snag_dist", *args]
-    else:
-        cmd = [sys.executable, "-m", "snag_dist", *args]
     out_json.unlink(missing_ok=True)
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    watch = PeakRss(proc.pid)
-    _, err = proc.communicate()
-    rss = watch.stop()
-    if proc.returncode != 0:
-        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}", "rss": rss}
-    return {"wall": time.time() - t0, "rss": rss, "checkpoint": ckpt, "test": json.loads(out_json.read_text())["test"]}
+    res = launch(args, nproc)
+    if "error" in res:
+        return res
+    return {**res, "checkpoint": ckpt, "test": json.loads(out_json.read_text())["test"]}
 
 
 def main() -> None:

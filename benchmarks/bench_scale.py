@@ -95,11 +95,8 @@ class PeakRss:
         return sorted((self.peaks[p] for p in ranks), reverse=True)
 
 
-def run_train(shards: Path, out: Path, task: str, nproc: int, backend: str, steps: int, extra: list[str]) -> dict:
-    preset, sets = PRESET[task]
-    sets = [*sets, f"data.shards={shards}", "data.mode=stream", f"train.max_steps={steps}", "train.epochs=1",
-            "train.eval_every=0", "eval.test_at_end=false", f"engine.backend={backend}", *extra]
-    args = ["train", "--config", preset, "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]
+def launch(args: list[str], nproc: int) -> dict:
+    """``snag-dist ARGS`` as one process or under torchrun; wall time, peak RSS per rank, or the error line."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                "-m", "snag_dist", *args]
@@ -108,16 +105,28 @@ def run_train(shards: Path, out: Path, task: str, nproc: int, backend: str, step
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
     if nproc > 1:
         env["OMP_NUM_THREADS"] = "1"
-    shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     watch = PeakRss(proc.pid)
     _, err = proc.communicate()
     rss = watch.stop()
     if proc.returncode != 0:
-        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"}
+        lines = [x for x in err.strip().splitlines() if "error" in x.lower()] or err.strip().splitlines()
+        return {"error": lines[-1] if lines else f"exit {proc.returncode}", "rss": rss}
+    return {"wall": time.time() - t0, "rss": rss}
+
+
+def run_train(shards: Path, out: Path, task: str, nproc: int, backend: str, steps: int, extra: list[str]) -> dict:
+    preset, sets = PRESET[task]
+    sets = [*sets, f"data.shards={shards}", "data.mode=stream", f"train.max_steps={steps}", "train.epochs=1",
+            "train.eval_every=0", "eval.test_at_end=false", f"engine.backend={backend}", *extra]
+    args = ["train", "--config", preset, "--out", str(out), "--quiet", *[a for s in sets for a in ("--set", s)]]
+    shutil.rmtree(out, ignore_errors=True)
+    run = launch(args, nproc)
+    if "error" in run:
+        return {"error": run["error"]}
     record = json.loads((out / "train.jsonl").read_text().splitlines()[0])
-    return {"wall": time.time() - t0, "rss": rss, **{k: record.get(k) for k in (
+    return {"wall": run["wall"], "rss": run["rss"], **{k: record.get(k) for k in (
         "steps", "step_seconds", "rows_per_s", "data_wait_share", "time_to_first_step")}}
 
 
