@@ -52,6 +52,9 @@ _KEEP = 32
 # Rows scored at a time in pass 2: 512 x 10,500 floats (21 MB) stay in cache between the
 # subtract / compare / sum steps, which a whole chunk would not.
 _SUB_ROWS = 512
+# Rows per group maximum in the running column top-k, columns per group in the row top-k.
+_GROUP = 16
+_ROW_GROUP = 64
 
 
 class Collective(Protocol):
@@ -248,10 +251,23 @@ def _merge_sparse(top: _Top, rows: Tensor, cols: Tensor, cos_cm: Tensor, row0: i
 def _merge_block(top: _Top, cos_cm: Tensor, mask_cm: Tensor, dense: bool, row0: int) -> _Top:
     """Running top-k (k, m) of every column, best first, updated with the rows of cos_cm."""
     k = top.values.shape[0]
+    c, m = cos_cm.shape
     if not dense:
         # topk along dim 0 is slow on CPU; once seeded, few entries beat the running k-th value.
-        torch.gt(cos_cm, top.values[-1], out=mask_cm)
-        rows, cols = mask_cm.nonzero(as_tuple=True)
+        # Compare group maxima of _GROUP rows first: nonzero() over the whole block dominated.
+        full = c // _GROUP * _GROUP
+        gmax = cos_cm[:full].unflatten(0, (full // _GROUP, _GROUP)).amax(1)
+        mask_gm = mask_cm.view(-1)[: gmax.numel()].view_as(gmax)
+        torch.gt(gmax, top.values[-1], out=mask_gm)
+        gi, gc = mask_gm.nonzero(as_tuple=True)
+        rows = (gi.unsqueeze(1) * _GROUP + torch.arange(_GROUP, device=gi.device)).reshape(-1)
+        cols = gc.repeat_interleave(_GROUP)
+        if full < c:  # the last rows, not a whole group
+            mask_t = mask_cm.view(-1)[: (c - full) * m].view(c - full, m)
+            tr, tc = torch.gt(cos_cm[full:], top.values[-1], out=mask_t).nonzero(as_tuple=True)
+            rows, cols = torch.cat([rows, tr + full]), torch.cat([cols, tc])
+        beats = cos_cm[rows, cols] > top.values[-1, cols]
+        rows, cols = rows[beats], cols[beats]
         if rows.numel() == 0:
             return top
         dense = rows.numel() * 16 > cos_cm.numel()  # e.g. rows sorted by similarity
@@ -262,6 +278,27 @@ def _merge_block(top: _Top, cos_cm: Tensor, mask_cm: Tensor, dense: bool, row0: 
     both_rows = torch.cat([top.rows, block.indices + row0])
     best = both.topk(k, dim=0)
     return _Top(best.values, both_rows.gather(0, best.indices))
+
+
+def _row_topk(cos_cm: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    """(values, column indices) of the t best entries of each row, best first.
+
+    topk over long rows costs several times a comparison on CPU, so it runs on the t best groups of
+    _ROW_GROUP columns by group maximum (a row's t best entries lie there: any other group has t
+    better group maxima) and on the columns past the last whole group.
+    """
+    c, m = cos_cm.shape
+    g = _ROW_GROUP
+    if m < 8 * g * t:
+        return cos_cm.topk(t, dim=1)
+    full = m // g * g
+    gmax = cos_cm[:, :full].unflatten(1, (full // g, g)).amax(2)
+    groups = gmax.topk(t, dim=1).indices
+    cols = (groups.unsqueeze(2) * g + torch.arange(g, device=cos_cm.device)).reshape(c, t * g)
+    if full < m:
+        cols = torch.cat([cols, torch.arange(full, m, device=cos_cm.device).expand(c, m - full)], dim=1)
+    best = cos_cm.gather(1, cols).topk(t, dim=1)
+    return best.values, cols.gather(1, best.indices)
 
 
 def _merge_column_topk(top: _Top, cos_cm: Tensor, mask_flat: Tensor, seeded: bool, row0: int) -> _Top:
@@ -296,9 +333,9 @@ def _hubness(src_n: Tensor, tgt_n: Tensor, k: int, ws: _Workspace, chunk: int,
         idx, cos_cm = ws.fresh(b - a, m)
         torch.mm(src_n[a:b], tgt_n.T, out=cos_cm)
         ws.cached[(a, b)] = idx
-        best = cos_cm.topk(t_row, dim=1)
-        r_tgt_n[a - lo:b - lo] = best.values[:, :min(k, m)].mean(1)
-        row_top.values[a - lo:b - lo], row_top.rows[a - lo:b - lo] = best.values, best.indices
+        values, at = _row_topk(cos_cm, t_row)
+        r_tgt_n[a - lo:b - lo] = values[:, :min(k, m)].mean(1)
+        row_top.values[a - lo:b - lo], row_top.rows[a - lo:b - lo] = values, at
         top = _merge_column_topk(top, cos_cm, ws.mask, i > 0, a)
     if _many(comm):  # a rank with fewer than k rows leaves -inf rows: the union has n >= kk real ones
         r_tgt_n = comm.gather_rows(r_tgt_n)
@@ -473,59 +510,105 @@ def _kept_counts(values: Tensor, at: Tensor, own: Tensor, half_r: Tensor, gold: 
 
 def _ranks_from_kept(p: _Problem, pair_l: Tensor, rows: tuple[int, int], ties: Ties,
                      comm: Collective | None) -> AlignmentRanks:
-    """Pass 2 only where pass 1's kept cosines cannot decide the rank.
+    """Pass 2 only where pass 1's kept cosines cannot decide the rank, and only against the
+    candidates that can matter.
 
     A query's rank is decided by its kept best cosines when even the best cosine it did not keep
     (<= the last kept one), minus the smallest penalty, stays below its gold score: float
-    subtraction is monotonic, so no dropped candidate can beat or tie the gold. For a trained model
-    that is almost every query; the others (the gold far down, or hubs with extreme penalties) are
-    recomputed exactly, rows of this rank for l2r and columns (over this rank's rows, summed) for r2l.
+    subtraction is monotonic, so no dropped candidate can beat or tie the gold. For the others, a
+    dropped candidate y can only matter if last kept - penalty(y) >= gold score, i.e. if its penalty
+    is below a threshold: with candidates sorted by penalty that is a prefix, usually a few percent
+    of them. Those are recomputed (the kept ones are counted from pass 1), rows of this rank for l2r
+    and, for r2l, columns against this rank's rows (summed over ranks).
     """
     (lo, hi), dev = rows, pair_l.device
     n, m = p.src_n.shape[0], p.tgt_n.shape[0]
     half_src, half_tgt = p.half_r_src_m, p.half_r_tgt_n
+    cap = p.ws.blocks[0].numel()
     # l2r: this rank's rows; gold of row i is column i
     top = p.hub.row_top
     own = torch.arange(lo, hi, device=dev)
     gold_r = pair_l[lo:hi] - half_src[lo:hi]
     greater, equal = _kept_counts(top.values, top.rows, own[:, None], half_src, gold_r, 1)
-    decided = top.values[:, -1] - half_src.min() < gold_r if top.values.shape[1] < m else torch.ones_like(gold_r, dtype=torch.bool)
-    redo = own[~decided]
-    for a, b in _spans(0, len(redo), p.chunk):
-        ids = redo[a:b]
-        _, cos = p.ws.fresh(b - a, m)
-        torch.mm(p.src_n[ids], p.tgt_n.T, out=cos)
-        counts = _row_counts(p, cos, ids, pair_l[ids])
-        greater[ids - lo] = counts.greater
-        if counts.equal is not None:
-            equal[ids - lo] = counts.equal
+    if top.values.shape[1] < m:
+        undecided = ~(top.values[:, -1] - half_src.min() < gold_r)
+        part = _recount(p.tgt_n, half_src, p.src_n[lo:hi], top.rows, own, top.values[:, -1] - gold_r,
+                        gold_r, undecided, cap, p.equal)
+        greater[undecided] += part.greater
+        if part.equal is not None:
+            equal[undecided] += part.equal
     l2r = _ranks(_Counts(greater, equal if p.equal else None), ties)
     # r2l: every column; gold of column j is row j
     top = p.hub.col_top
     cols = torch.arange(m, device=dev)
     gold_c = pair_l - half_tgt[:m]
     c_greater, c_equal = _kept_counts(top.values, top.rows, cols[None], half_tgt, gold_c, 0)
-    decided = top.values[-1] - half_tgt.min() < gold_c if top.values.shape[0] < n else torch.ones_like(gold_c, dtype=torch.bool)
-    redo = cols[~decided]  # the same on every rank (the merged column tops are)
-    if len(redo):
-        part_g = torch.zeros(len(redo), dtype=torch.float64, device=dev)
-        part_e = torch.zeros_like(part_g)
-        gold = gold_c[redo]
-        tgt_u = p.tgt_n[redo]
-        for a, b in _spans(lo, hi, min(_SUB_ROWS, p.chunk)):  # the scratch holds that many rows
-            score = p.ws.score(b - a, len(redo))
-            torch.mm(p.src_n[a:b], tgt_u.T, out=score).sub_(half_tgt[a:b].unsqueeze(1))
-            inside = redo[(redo >= a) & (redo < b)]  # own entries (row j, column j) in this block
-            score[inside - a, torch.searchsorted(redo, inside)] = float("nan")
-            counts = _count_beats(score, gold.unsqueeze(0), 0, p.equal)
-            part_g += counts.greater
-            if counts.equal is not None:
-                part_e += counts.equal
+    if top.values.shape[0] < n:
+        undecided = ~(top.values[-1] - half_tgt.min() < gold_c)  # the same on every rank
+        # Against this rank's rows only: kept rows (and the gold row) of other ranks are skipped
+        # there, so map them out of range.
+        kept = top.rows.T.clone()
+        kept[(kept < lo) | (kept >= hi)] = -1
+        part = _recount(p.src_n[lo:hi], half_tgt[lo:hi], p.tgt_n, torch.where(kept >= 0, kept - lo, kept),
+                        cols - lo, top.values[-1] - gold_c, gold_c, undecided, cap, p.equal)
         if _many(comm):
-            part_g, part_e = comm.reduce_sum(part_g), comm.reduce_sum(part_e)
-        c_greater[redo], c_equal[redo] = part_g, part_e
+            part = _Counts(comm.reduce_sum(part.greater), None if part.equal is None else comm.reduce_sum(part.equal))
+        c_greater[undecided] += part.greater
+        if part.equal is not None:
+            c_equal[undecided] += part.equal
     r2l = _ranks(_Counts(c_greater, c_equal if p.equal else None), ties)[lo:hi]
     return AlignmentRanks(l2r, r2l)
+
+
+# Slack on the penalty threshold: float rounding of (last kept - gold) is ~1e-7, so a candidate
+# outside the prefix by this margin can never beat or tie the gold.
+_PREFIX_SLACK = 1e-5
+
+
+def _recount(cand: Tensor, half_pen: Tensor, query: Tensor, kept: Tensor, own: Tensor, room: Tensor,
+             gold: Tensor, redo: Tensor, cap: int, equal: bool) -> _Counts:
+    """Counts of the non-kept candidates that beat / tie the gold score, for the queries ``redo``.
+
+    cand (C, D) unit candidates with half penalties half_pen (C,); query (Q, D) unit queries;
+    kept (Q, t) candidate indices counted already from pass 1 (-1: none); own (Q,) index of each
+    query's gold candidate (outside [0, C): none); room (Q,) = last kept cosine - gold score: only
+    candidates with half penalty <= room can matter. Work: per query its prefix of the candidates
+    sorted by penalty, in groups of queries that fit ``cap`` floats.
+    """
+    dev = query.device
+    order = half_pen.argsort()
+    pen_sorted = half_pen[order]
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(len(order), device=dev)
+    ids = redo.nonzero().squeeze(1)
+    prefix = torch.searchsorted(pen_sorted, room[ids] + _PREFIX_SLACK, right=True)
+    by_len = prefix.argsort(descending=True)
+    greater = torch.zeros(len(ids), dtype=torch.float64, device=dev)
+    ties = torch.zeros_like(greater) if equal else None
+    nan = float("nan")
+    a = 0
+    while a < len(ids):
+        width = int(prefix[by_len[a]])
+        if width == 0:
+            break
+        # Queries of at least half this width, as many as fit: at most 2x the needed work.
+        b = min(len(ids), a + max(1, cap // width))
+        b = a + max(1, int((prefix[by_len[a:b]] * 2 > width).sum()))
+        sel = by_len[a:b]
+        q = ids[sel]
+        score = torch.mm(query[q], cand[order[:width]].T).sub_(pen_sorted[:width])
+        # Kept candidates (counted from pass 1) and the gold itself are not counted here.
+        skip = torch.cat([kept[q], own[q, None]], dim=1)
+        valid = (skip >= 0) & (skip < len(order))
+        at = torch.where(valid, pos[skip.clamp(0, len(order) - 1)], width)
+        hit = at < width
+        score[torch.arange(len(q), device=dev)[:, None].expand_as(at)[hit], at[hit]] = nan
+        g = gold[q].unsqueeze(1)
+        greater[sel] = (score > g).sum(1, dtype=torch.float64)
+        if ties is not None:
+            ties[sel] = (score == g).sum(1, dtype=torch.float64)
+        a = b
+    return _Counts(greater, ties)
 
 
 def alignment_metrics(

@@ -238,3 +238,29 @@ def test_kept_cosines_decide_or_recompute_exactly(monkeypatch, keep, ties):
     got = alignment_ranks(emb, links, k=3, chunk=7, ties=ties)
     assert torch.equal(got.l2r, want.l2r) and torch.equal(got.r2l, want.r2l)
     assert want.l2r.max() > 5 and (want.l2r != want.l2r.round()).any() == (ties == "realistic")
+
+
+@pytest.mark.parametrize("ties", ["optimistic", "pessimistic"])
+def test_grouped_top_lists_and_prefix_recount_are_exact(monkeypatch, ties):
+    """Row top lists from the best column groups, column top lists screened by group maxima of
+    rows (a chunk that is not a whole number of groups) and the penalty-prefix recount of the
+    undecided queries: ranks equal the naive float64 CSLS and the keep-everything run."""
+    import snag_dist.eval.ranking as ranking
+
+    emb, links = _links_case(seed=5, num_links=150, dim=3)
+    gold = torch.arange(links.shape[0])
+    monkeypatch.setattr(ranking, "_KEEP", 1000)
+    want = alignment_ranks(emb, links, k=3, chunk=23, ties=ties)
+    monkeypatch.setattr(ranking, "_KEEP", 4)
+    monkeypatch.setattr(ranking, "_GROUP", 3)
+    monkeypatch.setattr(ranking, "_ROW_GROUP", 2)  # 150 columns >= 8 x 2 x 4: the grouped row path
+    got = alignment_ranks(emb, links, k=3, chunk=23, ties=ties)
+    assert torch.equal(got.l2r, want.l2r) and torch.equal(got.r2l, want.r2l)
+    if ties == "optimistic":
+        assert torch.equal(got.l2r, naive_ranks(emb[links[:, 0]], emb[links[:, 1]], gold, 3))
+        assert torch.equal(got.r2l, naive_ranks(emb[links[:, 1]], emb[links[:, 0]], gold, 3))
+    assert want.l2r.max() > 20  # many undecided queries (dim 3: the gold is often far down)
+    hub = csls_hubness(emb[links[:, 0]], emb[links[:, 1]], k=3, chunk=23)
+    cos = torch.nn.functional.normalize(emb[links[:, 0]], dim=1) @ torch.nn.functional.normalize(emb[links[:, 1]], dim=1).T
+    assert torch.allclose(hub.r_src_m, cos.topk(3, dim=0).values.mean(0), atol=1e-6)
+    assert torch.allclose(hub.r_tgt_n, cos.topk(3, dim=1).values.mean(1), atol=1e-6)
