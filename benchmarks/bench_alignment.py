@@ -90,6 +90,8 @@ def run_variant(pair: str, variant: str, epochs: int, iterative_start: int, eval
     if base_run and "iterative=true" in " ".join(overrides):
         continue_from(REPO / base_run, run, iterative_start)
         cmd += ["--resume", "auto"]
+    else:
+        cmd += ["--overwrite"]
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True)

@@ -121,7 +121,7 @@ def throughput(dataset: str, variant: str, extra: list[str], warmup: int, steps:
 def train_run(dataset: str, variant: str, epochs: int, eval_every: int, extra: list[str], tag: str = "") -> dict:
     run = REPO / "runs" / "bench" / f"completion-{dataset}-{variant}-e{epochs}{'-' + tag if tag else ''}"
     sets = [*overrides(dataset, variant, extra), f"train.epochs={epochs}", f"train.eval_every={eval_every}"]
-    cmd = [sys.executable, "-m", "snag_dist", "train", "--config", DATASETS[dataset][1], "--out", str(run), "--quiet"]
+    cmd = [sys.executable, "-m", "snag_dist", "train", "--config", DATASETS[dataset][1], "--out", str(run), "--quiet", "--overwrite"]
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True)

@@ -33,7 +33,7 @@ BACKENDS = {
 def run(config: str, shards: str, out: Path, nproc: int, threads: int, epochs: int, sets: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": "cpu", "OMP_WAIT_POLICY": "PASSIVE"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "snag_dist", "train", "--config", config, "--shards", shards, "--out", str(out), "--quiet",
+           "-m", "snag_dist", "train", "--config", config, "--shards", shards, "--out", str(out), "--quiet", "--overwrite",
            "--set", f"train.epochs={epochs}", "--set", f"train.eval_every={epochs}", "--set", "eval.test_at_end=false",
            *[a for s in sets for a in ("--set", s)]]
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.shards:
         overrides.append(f"data.shards={args.shards}")
     cfg = load_config(args.config, overrides)
-    summary = train(cfg, args.out, resume=args.resume == "auto", progress=not args.quiet)
+    summary = train(cfg, args.out, resume=args.resume == "auto", progress=not args.quiet, overwrite=args.overwrite)
     rows = [("best epoch (valid)", str(summary["best_epoch"])), ("best valid", f"{summary['best_valid']:.4f}")]
     for phase, metrics in summary["test"].items():
         rows += [(f"test {phase} {k}", f"{v:.4f}") for k, v in metrics.items()
@@ -49,7 +49,11 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--shards", default="", help="shortcut for --set data.shards=DIR")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. train.lr=1e-4")
-    p.add_argument("--resume", choices=["auto", "never"], default="never", help="auto: continue from the last checkpoint")
+    p.add_argument("--resume", choices=["auto", "never"], default="never",
+                   help="auto: continue from the last checkpoint (a fresh start when there is none); the config "
+                        "must match the run's except keys a resume may change (README: resume)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints, metrics and plots of a run already in --out and start over")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_cmd_train)
 

@@ -32,6 +32,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from snag_dist.tune.trainable import Fault
 
     out = Path(args.out).expanduser().resolve()
+    for folder in (out, *out.parents):  # --out (or a folder above it) that is a file
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"--out {args.out}: {folder} is a file, not a folder")
+            break
     config, space_path = _sources(args, out)
     overrides = list(args.set or [])
     for flag, key in (("num_samples", "num_samples"), ("search", "search"), ("scheduler", "scheduler"),

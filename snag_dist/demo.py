@@ -54,7 +54,7 @@ def main() -> int:
                  f"{sum(stream['mib_per_s_per_rank']) / 2:.1f} MiB/s/rank"))
     extra = ["--set", f"train.epochs={args.epochs}"] if args.epochs else []
     trainer = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-               "-m", "snag_dist", "train", "--set", f"engine.backend={args.backend}"]
+               "-m", "snag_dist", "train", "--overwrite", "--set", f"engine.backend={args.backend}"]
     one_thread = {"OMP_NUM_THREADS": "1"}  # the processes share this machine's cores
     run = out / "alignment"
     _run([*trainer, "--config", "quickstart", "--shards", str(shards / "dbp15k_fr_en_mini"), "--out", str(run),

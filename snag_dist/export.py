@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from snag_dist.config import load_config, to_dict
 from snag_dist.engine.checkpoint import load_checkpoint, load_rank_files
+from snag_dist.engine.run import find_checkpoint, load_model_state
 from snag_dist.errors import CheckpointError, DataError
 from snag_dist.tasks.registry import TASKS
 
@@ -52,11 +53,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best
     if out.exists() and any(out.iterdir()):
         raise DataError(f"output directory {out} exists and is not empty")
     cfg = load_config(str(run_dir / "config.yaml"))
-    model_state, _, _ = load_checkpoint(run_dir / "checkpoints" / checkpoint)
+    path = find_checkpoint(run_dir, checkpoint)
+    model_state, _, _ = load_checkpoint(path)
     task = TASKS.get(cfg.task.name)(cfg, 0, 1, torch.device("cpu"))
-    task.module.load_state_dict(model_state)
+    load_model_state(task.module, model_state, path)
     if getattr(task, "table", None) is not None:  # stream path: the table's rows from every rank's file
-        task.table.load_shards(load_rank_files(run_dir / "checkpoints" / checkpoint, "table"))
+        task.table.load_shards(load_rank_files(path, "table"))
     tensors = _embed_all(task.module, cfg.eval.chunk_size)
     rotate = getattr(task.module, "rotate", None)
     if rotate is not None:  # completion: the RotatE vectors of the fused entities and the relation phases

@@ -105,6 +105,34 @@ def check_keys(data: dict[str, Any], cls: type, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{dotted}' must be a mapping, got {value!r}")
             check_keys(value, sub, prefix=f"{dotted}.")
+        else:
+            _refuse_bool_number(dotted, hints[key], value)
+
+
+def _base(tp: Any) -> Any:
+    """``Annotated[int, Field(ge=1)]`` -> int."""
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _refuse_bool_number(key: str, tp: Any, value: Any) -> None:
+    """YAML ``true`` is not a number: pydantic would take it as 1 (``train.epochs=true`` -> 1 epoch)."""
+    tp = _base(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in (int, float) and isinstance(value, bool):
+        want = "an integer" if tp is int else "a number"
+        raise ConfigError(f"config key '{key}': bad value {value!r}: want {want}, not a boolean")
+    if origin is list and args and isinstance(value, list):
+        for item in value:
+            _refuse_bool_number(key, args[0], item)
+    elif origin is dict and len(args) == 2 and isinstance(value, dict):
+        for name, item in value.items():
+            sub = _dataclass_of(_base(args[1]))
+            if sub is not None and isinstance(item, dict):
+                check_keys(item, sub, prefix=f"{key}.{name}.")
+            else:
+                _refuse_bool_number(f"{key}.{name}", args[1], item)
 
 
 def build(data: dict[str, Any]) -> Config:

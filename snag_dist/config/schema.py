@@ -47,11 +47,18 @@ class DataConfig:
         "that divides it")
 
 
+# Modality names a dataset may or may not have: the default list names them all, and the ones absent
+# from a run's data are skipped. Any other name must be a modality of the data (else a one-line error).
+STANDARD_MODALITIES = ("structure", "relation", "attribute", "image", "name")
+
+
 @dataclass(config=_FROZEN)
 class ModelConfig:
     modalities: list[str] = doc(
-        ["structure", "relation", "attribute", "image", "name"],
-        "modalities to use; ones absent from the manifest are skipped (structure is learned)",
+        list(STANDARD_MODALITIES),
+        "modalities to use: structure (learned) and feature modalities of the data; the standard ones "
+        "(relation, attribute, image, name) absent from the manifest are skipped, any other name the data "
+        "lacks is an error",
     )
     hidden: PosInt = doc(300, "hidden size of every modality token and of the fusion Transformer")
     structure_encoder: Literal["gat", "embedding"] = doc("gat", "structure encoder: GAT over the graph or plain embedding")

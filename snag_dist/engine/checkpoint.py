@@ -83,13 +83,64 @@ def save_checkpoint(folder: Path, model_state: dict, optim_state: dict | None, s
         save_file(_tensors(rng), str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
     sync()  # every rank's partition is on disk
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    install(tmp, final)
     if keep_last:
         _prune(folder, keep_last)
     sync()
     return final
+
+
+def _aside(final: Path) -> Path:
+    return final.parent / f".{final.name}.old"
+
+
+def install(tmp: Path, final: Path) -> None:
+    """Rename a complete ``tmp`` folder to ``final``. An existing ``final`` (e.g. ``best``) is renamed
+    aside first and deleted last, so at every instant either ``final`` or its aside copy is a whole
+    checkpoint: a kill between the renames leaves ``.<tag>.old``, which ``checkpoint_dir`` reads and
+    ``recover`` renames back."""
+    old = _aside(final)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(folder: Path, tag: str) -> Path:
+    """``folder/tag``, or its aside copy when a kill interrupted the replacement of ``tag`` (read-only:
+    for readers that do not hold the run lock)."""
+    final, old = folder / tag, _aside(folder / tag)
+    if not final.is_dir() and (old / "state.json").is_file():
+        return old
+    return final
+
+
+def recover(folder: Path) -> list[str]:
+    """Under the run lock: put back checkpoints whose replacement a kill interrupted, drop aside
+    copies whose replacement completed and temp folders of unfinished writes. Returns the recovered tags."""
+    if not folder.is_dir():
+        return []
+    back = []
+    for old in folder.glob(".*.old"):
+        final = folder / old.name[1:-len(".old")]
+        if not final.exists() and (old / "state.json").is_file():
+            os.replace(old, final)
+            back.append(final.name)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in folder.glob(".*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    return back
+
+
+def tags(folder: Path) -> list[str]:
+    """Checkpoint names in ``folder`` (``best``, ``epoch_N``...), including ones only an aside copy holds."""
+    if not folder.is_dir():
+        return []
+    names = {p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    names |= {p.name[1:-len(".old")] for p in folder.glob(".*.old") if (p / "state.json").is_file()}
+    return sorted(names)
 
 
 def _position(path: Path) -> tuple[int, int]:

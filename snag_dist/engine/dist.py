@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -26,6 +31,69 @@ class RankInfo:
 
 
 from snag_dist.seeding import generator  # noqa: E402,F401  (kept importable from here)
+
+
+def global_rank() -> int:
+    """This process's rank: the process group's when one is up (Ray Train), else torchrun's RANK."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return RankInfo.from_env().rank
+
+
+_PR_SET_PDEATHSIG = 1
+_WATCHING: list[int] = []  # the parent pid a watchdog follows (set once per process)
+
+
+def exit_with_launcher(poll_s: float = 0.5) -> bool:
+    """A worker of torchrun (or any torch elastic agent) ends when its agent dies.
+
+    The agent starts each worker in a session of its own, so a SIGKILLed agent would leave its
+    workers training (and writing into the run folder) as orphans. On Linux the kernel sends this
+    process SIGKILL when its parent dies (``PR_SET_PDEATHSIG``); as the parent may have died before
+    that call, a parent that is already gone (re-parented to init) ends the process now, and a
+    watchdog thread polls the parent pid on every platform. No-op outside an elastic launch (a plain
+    ``snag-dist train`` may be meant to outlive its shell). Returns whether it armed."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):
+        return False
+    if _WATCHING:
+        return True
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the watchdog alone
+            pass
+    if os.getppid() != parent or (parent == 1 and not _init_is_launcher()):
+        _orphaned(parent)
+    _WATCHING.append(parent)
+    threading.Thread(target=_watch, args=(parent, poll_s), name="snag-parent-watch", daemon=True).start()
+    return True
+
+
+def _init_is_launcher() -> bool:
+    """Parent pid 1: the launcher itself as a container's init, or init that adopted an orphan."""
+    try:
+        cmdline = Path("/proc/1/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return True  # cannot tell: do not end a run that may be fine
+    return any(name in cmdline for name in (b"torch", b"accelerate", b"deepspeed"))
+
+
+def _watch(parent: int, poll_s: float) -> None:
+    while True:
+        time.sleep(poll_s)
+        if os.getppid() != parent:
+            _orphaned(parent)
+
+
+def _orphaned(parent: int) -> None:
+    print(f"snag-dist: launcher (pid {parent}) is gone; worker {os.getpid()} exits", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _all_gather_rows(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:

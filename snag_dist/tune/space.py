@@ -14,6 +14,8 @@ schema before Ray starts, so a typo or an out-of-range bound fails in one line n
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +100,15 @@ def _fail(path: str, msg: str) -> ConfigError:
     return ConfigError(f"search space {path}: {msg}")
 
 
+# YAML 1.1 (PyYAML) reads ``1e-4`` (no dot) as a string; config YAML accepts it, so bounds do too.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _number(path: str, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        text = value.strip()
+        value = int(text) if text.lstrip("+-").isdigit() else float(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _fail(path, f"'{key}': bound {value!r} is not a number")
     return value
 
