@@ -20,6 +20,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, block_size=args.block_size, min_shards=args.min_shards,
         relation_topk=args.relation_topk, text=args.text, dtype=args.dtype, train_ratio=args.train_ratio,
         valid_ratio=args.valid_ratio, seed=args.seed, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
+        mask_nonfinite=args.mask_nonfinite,
     )
     manifest = prepare(args.dataset_dir, args.out_dir, opts, show_progress=not args.quiet)
     print_manifest(manifest, args.out_dir)
@@ -68,6 +69,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--valid-ratio", type=float, default=0.1, help="alignment: share of training links for validation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-pickle", action="store_true", help="accept .pkl feature files (they can run code)")
+    p.add_argument("--mask-nonfinite", action="store_true",
+                   help="an entity with a NaN/inf feature value lacks that modality (default: an error)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(fn=_cmd_prepare)

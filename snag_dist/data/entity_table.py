@@ -112,8 +112,10 @@ class EntityTable:
     """All modalities of a dataset, readable by id range."""
 
     def __init__(self, ds: SourceDataset, relation_topk: int, text: str, dtype: str = "float16",
-                 triples: TripleBlocks | None = None) -> None:
+                 triples: TripleBlocks | None = None, mask_nonfinite: bool = False) -> None:
         self.ds = ds
+        self.mask_nonfinite = mask_nonfinite
+        self.masked: dict[str, int] = {}  # modality -> entities whose non-finite row was masked
         self.columns: list[ModalityColumn] = []
         self.bags: dict[str, Bag] = {}
         if relation_topk > 0:
@@ -147,7 +149,7 @@ class EntityTable:
                 values = np.array(self.encoder.encode(self.ds.names[start:stop]), dtype=col.dtype)
                 present = np.array([bool(s) for s in self.ds.names[start:stop]])
             else:
-                values, present = read_rows(self.ds.features[col.name], start, stop, col.dtype)
+                values, present = self._feature_rows(col, start, stop)
             if not present.all():
                 values[~present] = 0
             mask[:, j] = present
@@ -156,8 +158,44 @@ class EntityTable:
         return out, mask
 
 
-def read_rows(feat: FeatureSource, start: int, stop: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """(rows [start, stop) as a fresh ``dtype`` array, presence) of a feature table.
+    def _feature_rows(self, col: ModalityColumn, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows [start, stop) of a feature file in the storage dtype, and their presence.
+
+        A NaN or infinite value in a present row is an error naming file, row and column — or, with
+        ``mask_nonfinite``, the entity is treated as missing this modality (mask 0, zero row), as if
+        its presence file said so. Values of absent rows are never used (zeroed), whatever they hold.
+        A finite value that overflows the storage dtype (|x| > 65504 for float16) is an error too.
+        """
+        feat = self.ds.features[col.name]
+        raw, present = read_rows(feat, start, stop)
+        finite = np.isfinite(raw).all(1)
+        if not finite.all():
+            bad = ~finite & present
+            if bad.any() and not self.mask_nonfinite:
+                row = int(np.argmax(bad))
+                column = int(np.argmax(~np.isfinite(raw[row])))
+                raise DataError(f"{feat.path}: non-finite value {raw[row, column]} at row {start + row}, column {column} "
+                                f"(entity {start + row}); fix the file, mark the entity absent in "
+                                f"{col.name}.present.npy, or pass --mask-nonfinite to treat such entities as missing "
+                                f"'{col.name}'")
+            if bad.any():
+                self.masked[col.name] = self.masked.get(col.name, 0) + int(bad.sum())
+            present = present & finite
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = raw.astype(col.dtype)
+        values[~present] = 0
+        stored = np.isfinite(values).all(1)
+        if not stored.all():
+            row = int(np.argmax(~stored))
+            column = int(np.argmax(~np.isfinite(values[row])))
+            raise DataError(f"{feat.path}: value {raw[row, column]} at row {start + row}, column {column} does not fit "
+                            f"{col.dtype} storage (largest {np.finfo(col.dtype).max:g}); pass --dtype float32 or "
+                            "rescale the features")
+        return values, present
+
+
+def read_rows(feat: FeatureSource, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [start, stop) as a fresh array of the file's dtype, presence) of a feature table.
 
     A memory-mapped ``.npy`` is read with plain file reads: every page read through a mapping stays
     in this process's RSS until the mapping closes, so reading 1M entities x 768 float16 dims of
@@ -172,4 +210,4 @@ def read_rows(feat: FeatureSource, start: int, stop: int, dtype: str) -> tuple[n
             raise DataError(f"{feat.path}: file ends before entity {start + len(rows)}")
     else:
         rows = np.array(table[start:stop])
-    return rows.astype(dtype, copy=False), feat.present[start:stop]
+    return rows, np.asarray(feat.present[start:stop], dtype=bool)

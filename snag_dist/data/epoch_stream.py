@@ -19,19 +19,20 @@ Nothing here talks to other processes: rank and world size are passed in.
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from snag_dist.data.integrity import shard_infos
 from snag_dist.data.manifest import load_manifest
-from snag_dist.data.stream import _tar_samples
+from snag_dist.data.stream import _one_line_errors, _tar_samples, decode_rows, row_limits
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.seeding import stable_seed
 
@@ -60,6 +61,8 @@ class EpochRows:
         if not infos:
             raise DataError(f"{self.root}: shard group '{group}' is empty")
         self.urls = [str(self.root / s.file) for s in infos]
+        self.infos = shard_infos(self.root, manifest, [group])  # each shard checked as it is read
+        self.limits = row_limits(manifest, group)
         self.rows_per_shard = [s.rows for s in infos]
         self.total_rows = sum(self.rows_per_shard)
         self.group, self.rank, self.world, self.workers = group, rank, world_size, workers
@@ -106,16 +109,13 @@ class EpochRows:
 
     # -- reading one split --------------------------------------------------------------------
     def _blocks(self, epoch: int, split: int, shards: list[int]) -> Iterator[np.ndarray]:
-        stages = [wds.SimpleShardList([self.urls[i] for i in shards]), _tar_samples]
+        stages = [wds.SimpleShardList([self.urls[i] for i in shards]), partial(_tar_samples, infos=self.infos)]
         seed = stable_seed("rows", self.seed, epoch, split)
         if self.shuffle_buffer > 0:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed)))
         rng = np.random.default_rng(seed)
         for sample in wds.DataPipeline(*stages):
-            try:
-                block = np.load(io.BytesIO(sample[self.member]), allow_pickle=False)
-            except (KeyError, ValueError, OSError):
-                raise DataError(f"corrupt shard {sample.get('__url__')}: bad block {sample.get('__key__')}") from None
+            block = decode_rows(sample, self.member, self.limits)
             yield block[rng.permutation(len(block))] if self.shuffle_buffer > 0 else block
 
     def split_parts(self, epoch: int, split: int, start: int = 0) -> Iterator[np.ndarray]:
@@ -156,7 +156,7 @@ class EpochRows:
         else:
             loader = DataLoader(_WorkerSplits(self, epoch, start), batch_size=None, num_workers=self.workers,
                                 collate_fn=_as_is, persistent_workers=False)
-            merged = _merge(iter(loader), self.workers)
+            merged = _merge(iter(_one_line_errors(loader)), self.workers)
         last: Step | None = None
         for splits, parts in merged:
             order = np.argsort(splits)

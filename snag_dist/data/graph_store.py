@@ -7,8 +7,9 @@ de-duplicated, without self-loops (the GAT adds one per node itself): a triple (
 in row h and h in row t, relations are ignored, and every row's neighbours are sorted ascending.
 
 Built from ``triples/train`` under ``SHARDS/.store/graph`` (or ``store_dir/graph``), stamped with
-the manifest's sha256 and rebuilt when it changes. Like the feature store it is written in a temp
-directory and renamed, so concurrent ranks on one node race safely.
+the manifest's sha256 and the triple shards' files (``integrity.store_key``) and rebuilt when they
+change. Like the feature store it is written in a temp directory and renamed, so concurrent ranks
+on one node race safely.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from snag_dist.data.manifest import Manifest, load_manifest, sha256_file
+from snag_dist.data.integrity import store_key
+from snag_dist.data.manifest import Manifest, load_manifest
 from snag_dist.data.store import cached_build
 from snag_dist.data.stream import RowStream, StreamConfig
 from snag_dist.errors import DataError
@@ -86,7 +88,8 @@ class GraphStore:
             _build(root, manifest.num_entities, tmp)
             return {"version": GRAPH_VERSION, "num_nodes": manifest.num_entities}
 
-        path = cached_build(base / "graph", "graph.json", sha256_file(root / "manifest.json"), build)
+        key = store_key(root, manifest.shards.get(GROUP, []))  # a rewritten triple shard rebuilds (and is checked)
+        path = cached_build(base / "graph", "graph.json", key, build)
         return cls(path, manifest)
 
     @property

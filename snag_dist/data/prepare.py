@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tarfile
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -38,6 +39,7 @@ from snag_dist.data.manifest import (
 )
 from snag_dist.data.readers import SourceDataset, read_dataset
 from snag_dist.data.records import MEMBER, Column, Csr, EntityBlock, EntityLayout
+from snag_dist.data.tempdirs import check_output, describe_removed, make_dir, remove_stale, temp_path
 from snag_dist.data.text import TEXT_ENCODERS
 from snag_dist.errors import ConfigError, DataError
 
@@ -58,6 +60,7 @@ class PrepareOptions:
     seed: int = 0
     allow_pickle: bool = False
     overwrite: bool = False
+    mask_nonfinite: bool = False  # NaN/inf feature rows -> that entity lacks the modality (else an error)
 
     def validate(self) -> None:
         checks = [
@@ -221,7 +224,8 @@ def _check_modality_names(ds: SourceDataset) -> None:
 
 def _write_all(ds: SourceDataset, out: Path, opts: PrepareOptions, progress) -> Manifest:
     cache = TripleCache(ds, out / ".triples")
-    table = EntityTable(ds, opts.relation_topk, opts.text, opts.dtype, triples=cache.blocks)
+    table = EntityTable(ds, opts.relation_topk, opts.text, opts.dtype, triples=cache.blocks,
+                        mask_nonfinite=opts.mask_nonfinite)
     counts: dict = {"entities": ds.num_entities, "relations": ds.num_relations,
                     "kgs": int(ds.kg.max()) + 1, "triples": {}, "links": {}}
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
@@ -243,6 +247,11 @@ def _write_all(ds: SourceDataset, out: Path, opts: PrepareOptions, progress) -> 
         shards = {group: sink.infos for group, sink in sinks.items()}
         sources = {name: digest.result() for name, digest in source_digests.items()}
     modalities, _ = _modalities(table, ds.num_entities, out)
+    if table.masked:
+        counts["masked_nonfinite"] = dict(table.masked)
+        for name, n in table.masked.items():
+            _notice(f"{n} entities with non-finite '{name}' values treated as missing '{name}' "
+                    f"({ds.features[name].path.name}, --mask-nonfinite)")
     return Manifest(
         task=ds.task, name=ds.root.name, counts=counts, modalities=modalities, shards=shards,
         sources=sources,
@@ -253,19 +262,29 @@ def _write_all(ds: SourceDataset, out: Path, opts: PrepareOptions, progress) -> 
     )
 
 
+def _notice(message: str) -> None:
+    print(f"snag-dist prepare: {message}", file=sys.stderr)
+
+
 def prepare(dataset_dir: str | Path, out_dir: str | Path, opts: PrepareOptions = PrepareOptions(),
             show_progress: bool = True) -> Manifest:
-    """Read ``dataset_dir``, write shards + manifest to ``out_dir`` atomically; return the manifest."""
+    """Read ``dataset_dir``, write shards + manifest to ``out_dir`` atomically; return the manifest.
+
+    Temp folders of earlier prepares into the same ``out_dir`` that were killed (same host, dead
+    PID) are removed first, with a one-line notice on stderr.
+    """
     opts.validate()
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not opts.overwrite:
-        raise DataError(f"output directory {out} exists and is not empty (use --overwrite)")
+    check_output(out, opts.overwrite)
     ds = read_dataset(dataset_dir, opts.allow_pickle, opts.train_ratio, opts.valid_ratio, opts.seed)
     _check_modality_names(ds)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    make_dir(out.parent, parents=True)
+    stale = remove_stale(out, ("tmp",) + (("old",) if out.is_dir() else ()))
+    if stale:
+        _notice(describe_removed(stale))
+    tmp = temp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    make_dir(tmp)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=ds.num_entities, unit="ent", desc="prepare", disable=not show_progress)
@@ -278,7 +297,7 @@ def prepare(dataset_dir: str | Path, out_dir: str | Path, opts: PrepareOptions =
     finally:
         bar.close()
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = temp_path(out, "old")
         os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

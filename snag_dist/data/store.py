@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snag_dist.data.manifest import Manifest, load_manifest, sha256_file
+from snag_dist.data.integrity import CheckedShard, store_key
+from snag_dist.data.manifest import Manifest, ShardInfo, load_manifest
 from snag_dist.data.records import MEMBER, Csr, EntityBlock, EntityLayout, alloc_many, cast_into
+from snag_dist.data.tempdirs import remove_stale, temp_path
 from snag_dist.errors import DataError
 
 STORE_VERSION = 1
@@ -34,24 +36,47 @@ def partition_range(num_entities: int, rank: int, world_size: int) -> tuple[int,
     return start, start + per + (1 if rank < extra else 0)
 
 
+def _overlapping(manifest: Manifest, start: int, stop: int) -> list[ShardInfo]:
+    return [s for s in manifest.shards["entities"] if not (s.last_id < start or s.first_id >= stop)]
+
+
 def _iter_blocks(root: Path, manifest: Manifest, start: int, stop: int) -> Iterator[EntityBlock]:
-    """Entity blocks overlapping ids [start, stop), cut to that range."""
+    """Entity blocks of ids [start, stop) in order, cut to that range, each shard checked against the
+    manifest (size at open, sha256 over the bytes read, ``integrity``) before its last block is
+    handed on; a gap in the ids names the shard."""
     layout = EntityLayout.from_manifest(manifest)
-    for info in manifest.shards["entities"]:
-        if info.last_id < start or info.first_id >= stop:
-            continue
+    next_id = start
+    for info in _overlapping(manifest, start, stop):
         path = root / info.file
+        shard = CheckedShard(path, info)
+        held = None  # a shard's blocks are passed on one behind, so its last waits for the check
         try:
-            with tarfile.open(path, "r:") as tar:
+            with tarfile.open(fileobj=shard, mode="r|") as tar:
                 for member in tar:
                     if not member.name.endswith(f".{MEMBER}"):
                         raise DataError(f"corrupt shard {path}: unexpected member {member.name}")
                     block = layout.decode(tar.extractfile(member).read(), f"{path}: {member.name}")
-                    if len(block) and block.ids[0] < stop and block.ids[-1] >= start:
-                        a, b = np.searchsorted(block.ids, [start, stop])
-                        yield block.slice(int(a), int(b))
-        except (tarfile.TarError, OSError, ValueError) as exc:
+                    if not (len(block) and block.ids[0] < stop and block.ids[-1] >= start):
+                        continue
+                    a, b = np.searchsorted(block.ids, [start, stop])
+                    part = block.slice(int(a), int(b))
+                    if part.ids[0] != next_id:  # shards and blocks hold ascending ids; a gap is a missing entity
+                        shard.finish()  # a damaged shard explains a gap best
+                        raise DataError(f"{root}: entity shards miss entity id {next_id} ({path} jumps to "
+                                        f"{int(part.ids[0])})")
+                    next_id += len(part)
+                    if held is not None:
+                        yield held
+                    held = part
+            shard.finish()
+        except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
             raise DataError(f"corrupt shard {path}: {exc}") from None
+        finally:
+            shard.close()
+        if held is not None:
+            yield held
+    if next_id != stop:
+        raise DataError(f"{root}: entity shards miss entity id {next_id}")
 
 
 class _NpyAppender:
@@ -82,12 +107,8 @@ def _build(root: Path, manifest: Manifest, start: int, stop: int, tmp: Path) -> 
     files.update({c.name: _NpyAppender(tmp / f"{c.name}.npy", c.dtype, (n, c.dim))
                   for c in layout.columns if c.kind == "dense"})
     bags: dict[str, list[Csr]] = {c.name: [] for c in layout.bags}
-    next_id = start
     try:
         for block in _iter_blocks(root, manifest, start, stop):
-            if block.ids[0] != next_id:  # shards and blocks hold ascending ids; a gap is a missing entity
-                break
-            next_id += len(block)
             files["kg"].append(block.kg)
             files["mask"].append(block.mask)
             for name, values in block.dense.items():
@@ -97,8 +118,6 @@ def _build(root: Path, manifest: Manifest, start: int, stop: int, tmp: Path) -> 
     finally:
         for fh in files.values():
             fh.close()
-    if next_id != stop:
-        raise DataError(f"{root}: entity shards miss entity id {next_id}")
     for c in layout.bags:
         bag = Csr.concat(bags.pop(c.name))
         np.save(tmp / f"{c.name}.indptr.npy", bag.indptr)
@@ -108,13 +127,16 @@ def _build(root: Path, manifest: Manifest, start: int, stop: int, tmp: Path) -> 
 
 def cached_build(folder: Path, meta_name: str, stamp: str, build: Callable[[Path], dict]) -> Path:
     """``folder`` built once per manifest: reused while ``folder/meta_name`` records ``stamp`` (the
-    manifest's sha256), else ``build(tmp)`` fills a temp folder (returning extra metadata) that is
-    renamed into place. Concurrent builders race safely: the first rename wins, the others reuse it."""
+    manifest's sha256, for the stores here also the source shards' checksums and files, see
+    ``integrity.store_key``), else ``build(tmp)`` fills a temp folder (returning extra metadata) that is
+    renamed into place. Concurrent builders race safely: the first rename wins, the others reuse it.
+    Temp folders of builders that were killed (same host, dead PID) are removed on the way."""
     meta = folder / meta_name
     if meta.is_file() and json.loads(meta.read_text()).get("manifest_sha256") == stamp:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    remove_stale(folder)
+    tmp = temp_path(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -159,7 +181,8 @@ class FeatureStore:
             _build(root, manifest, start, stop, tmp)
             return {"version": STORE_VERSION}
 
-        path = cached_build(base / f"{start}-{stop}", "store.json", sha256_file(root / "manifest.json"), build)
+        key = store_key(root, _overlapping(manifest, start, stop))  # a rewritten shard rebuilds (and is checked)
+        path = cached_build(base / f"{start}-{stop}", "store.json", key, build)
         return cls(path, manifest, start, stop)
 
     def _local(self, ids: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import islice
@@ -25,9 +25,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from snag_dist.data.manifest import Manifest, load_manifest
+from snag_dist.data.integrity import CheckedShard, shard_infos
+from snag_dist.data.manifest import Manifest, ShardInfo, load_manifest
 from snag_dist.data.records import MEMBER, EntityBlock, EntityLayout, alloc_many, cast_into
-from snag_dist.errors import DataError
+from snag_dist.errors import DataError, SnagError
 
 
 @dataclass(frozen=True)
@@ -51,21 +52,77 @@ def _raise_with_shard(exn: Exception) -> bool:
     raise DataError(f"{where}: {exn.args[0] if exn.args else exn}") from None
 
 
-def _open_shards(src: Iterator[dict], bufsize: int = 1 << 20) -> Iterator[dict]:
-    """``wds`` url_opener for local shards, with a 1 MiB read buffer: tarfile's stream mode reads
-    10 KiB at a time, which with Python's default 8 KiB buffer is one syscall each (~2x slower)."""
-    for sample in src:
+def _shard_members(src: Iterator[dict], infos: dict[str, ShardInfo]) -> Iterator[dict]:
+    """``wds`` tar_file_expander over local shards, each checked against its manifest entry
+    (``integrity``): the size at open, the sha256 over the bytes read. The end-of-shard marker
+    (``{}``) comes after the check, so a shard's last sample is grouped and handed on only once the
+    shard's sha256 matched. A 1 MiB read buffer: tarfile's stream mode reads 10 KiB at a time."""
+    for source in src:
+        url = source["url"]
+        shard = CheckedShard(url, infos.get(url))
+
+        def member_error(exn: Exception, url: str = url) -> bool:
+            text = str(exn.args[0]).split(" @ ")[0] if exn.args else str(exn)
+            raise DataError(f"corrupt shard {url}: {text}") from None
+
         try:
-            stream = open(sample["url"], "rb", buffering=bufsize)
-        except OSError as exn:
-            _raise_with_shard(OSError(str(exn), sample["url"]))
-        yield {**sample, "stream": stream}
+            for member in tariterators.tar_file_iterator(shard, handler=member_error):
+                member["__url__"] = url
+                yield member
+            shard.finish()
+        except SnagError:
+            raise
+        except Exception as exn:  # tarfile.ReadError / EOFError of a damaged archive
+            raise DataError(f"corrupt shard {url}: unreadable tar ({exn})") from None
+        finally:
+            shard.close()
+        yield {}
 
 
-def _tar_samples(src: Iterator[dict]) -> Iterator[dict]:
-    """``wds.tarfile_to_samples`` with the buffered opener above."""
-    files = tariterators.tar_file_expander(_open_shards(src), handler=_raise_with_shard)
-    return tariterators.group_by_keys(files, handler=_raise_with_shard)
+def _tar_samples(src: Iterator[dict], infos: dict[str, ShardInfo] | None = None) -> Iterator[dict]:
+    """``wds.tarfile_to_samples`` with the checked, buffered reader above (``infos``: shard path ->
+    manifest entry; a shard without one is read unchecked)."""
+    return tariterators.group_by_keys(_shard_members(src, infos or {}), handler=_raise_with_shard)
+
+
+def decode_rows(sample: dict, member: str, limits: tuple[int, ...]) -> np.ndarray:
+    """The int64 row block of a triple/link sample: one column per entry of ``limits``, column c's
+    values in [0, limits[c]) — a damaged block is an error naming its shard before any row is used."""
+    where = f"corrupt shard {sample.get('__url__')}: block {sample.get('__key__')}"
+    try:
+        block = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+    except (KeyError, ValueError, OSError, EOFError):
+        raise DataError(f"{where} is not a readable '{member}' array") from None
+    if block.ndim != 2 or block.shape[1] != len(limits) or block.dtype.kind not in "iu":
+        raise DataError(f"{where} has shape {block.shape} {block.dtype}, expected (rows, {len(limits)}) integers")
+    # Whole-block reductions: min(0)/max(0) over a (rows, 3) block are ~7x slower.
+    if len(block) and (block.min() < 0 or (block.max() >= min(limits) and not (block < limits).all())):
+        col = int(np.argmax(((block < 0) | (block >= limits)).any(0)))
+        raise DataError(f"{where} has ids outside [0, {limits[col]}) in column {col}")
+    return block.astype(np.int64, copy=False)
+
+
+def row_limits(manifest: Manifest, group: str) -> tuple[int, ...]:
+    """Value bounds of a row group's columns: (N, N) for links, (N, R, N) for triples."""
+    n = manifest.num_entities
+    return (n, n) if group.startswith("links/") else (n, manifest.num_relations, n)
+
+
+def one_line(exc: SnagError) -> SnagError:
+    """A SnagError raised in a DataLoader worker arrives with the worker's traceback in its message;
+    the same error with the original one-line message."""
+    text = str(exc)
+    if "\n" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(("snag_dist.", type(exc).__name__)) and ": " in last else last
+    return type(exc)(text)
+
+
+def _one_line_errors(items: Iterable) -> Iterator:
+    try:
+        yield from items
+    except SnagError as exc:
+        raise one_line(exc) from None
 
 
 def _worker_id() -> int:
@@ -92,6 +149,7 @@ class _EpochStream(IterableDataset):
         self.urls = self.manifest.shard_paths(self.root, group)
         if not self.urls:
             raise DataError(f"{self.root}: shard group '{group}' is empty")
+        self.infos = shard_infos(self.root, self.manifest, [group])
         self.group, self.cfg, self.epoch = group, cfg, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -116,7 +174,7 @@ class _EpochStream(IterableDataset):
             wds.SimpleShardList(urls),
             partial(split_by_rank, rank=self.cfg.rank, world_size=self.cfg.world_size),
             wds.split_by_worker,
-            _tar_samples,
+            partial(_tar_samples, infos=self.infos),
             partial(_seeded_shuffle, bufsize=bufsize, seed=(self.cfg.seed, self.epoch, self.cfg.rank)),
         )
         return iter(pipeline)
@@ -238,7 +296,7 @@ class EntityLoader:
                                  collate_fn=_as_is, persistent_workers=False, pin_memory=False)
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.loader:
+        for batch in _one_line_errors(self.loader):
             yield self.stream.expand(batch)
 
 
@@ -252,14 +310,12 @@ class RowStream(_EpochStream):
     def __init__(self, root: str | Path, group: str, cfg: StreamConfig) -> None:
         super().__init__(root, group, cfg)
         self.member = "pairs.npy" if group.startswith("links/") else "hrt.npy"
+        self.limits = row_limits(self.manifest, group)
 
     def _blocks(self) -> Iterator[np.ndarray]:
         rng = self._rng()
         for sample in self._samples(self.cfg.shuffle_buffer):
-            try:
-                block = np.load(io.BytesIO(sample[self.member]), allow_pickle=False)
-            except (KeyError, ValueError, OSError):
-                raise DataError(f"corrupt shard {sample.get('__url__')}: bad block {sample['__key__']}") from None
+            block = decode_rows(sample, self.member, self.limits)
             yield np.take(block, rng.permutation(len(block)), axis=0) if self.cfg.shuffle_buffer > 0 else block
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -278,10 +334,23 @@ class RowStream(_EpochStream):
             yield torch.from_numpy(np.concatenate(pieces))
 
 
-def make_loader(stream: IterableDataset, num_workers: int = 0) -> DataLoader | EntityLoader:
+class WorkerLoader:
+    """A DataLoader over a stream that yields batches, whose workers' errors stay one line."""
+
+    def __init__(self, stream: IterableDataset, num_workers: int) -> None:
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                 persistent_workers=False, pin_memory=False)
+
+    def __iter__(self) -> Iterator:
+        return _one_line_errors(self.loader)
+
+
+def make_loader(stream: IterableDataset, num_workers: int = 0) -> DataLoader | EntityLoader | WorkerLoader:
     """A DataLoader over a stream that already yields batches (an ``EntityLoader`` for entities)."""
     if num_workers > 0 and isinstance(stream, EntityStream):
         return EntityLoader(stream, num_workers)
+    if num_workers > 0:
+        return WorkerLoader(stream, num_workers)
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       persistent_workers=False, pin_memory=False)
 

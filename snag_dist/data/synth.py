@@ -15,11 +15,9 @@ well under 1 GiB of RSS. Output goes to a temp directory renamed into place at t
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -28,7 +26,8 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 
-from snag_dist.errors import ConfigError, DataError
+from snag_dist.data.tempdirs import check_output, describe_removed, make_dir, remove_stale, temp_path
+from snag_dist.errors import ConfigError
 
 TRIPLE_CHUNK = 1 << 19  # triples generated (and de-duplicated) per chunk
 ROW_CHUNK = 1 << 17  # entity rows per chunk for id files and latents
@@ -467,12 +466,15 @@ def _generate(tmp: Path, opts: SynthOptions, say: Callable[[str], None]) -> dict
 def synth(out_dir: str | Path, opts: SynthOptions, progress: bool = False) -> dict:
     """Write a synthetic dataset to ``out_dir`` (which must not exist or be empty); returns counts."""
     out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise DataError(f"synth output {out} already exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_output(out, overwrite=False, what="synth output", flag="")
+    make_dir(out.parent, parents=True)
+    stale = remove_stale(out)
+    if stale:
+        print(f"snag-dist synth: {describe_removed(stale)}", file=sys.stderr)
+    tmp = temp_path(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_dir(tmp)
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is not
         counts = _generate(tmp, opts, _reporter(progress))
         if out.exists():
             out.rmdir()

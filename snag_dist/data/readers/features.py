@@ -41,9 +41,22 @@ def _check_shape(path: Path, shape: tuple[int, ...], dtype, num_entities: int) -
         raise DataError(f"{path}: features must be 2-D (entities, dim), got shape {tuple(shape)}")
     if shape[0] != num_entities:
         raise DataError(f"{path}: wrong shape {tuple(shape)}: expected {num_entities} rows (one per entity)")
+    if shape[1] == 0:
+        raise DataError(f"{path}: features have no columns (shape {tuple(shape)})")
+    if not isinstance(dtype, np.dtype) and dtype not in FLOAT_DTYPES:  # e.g. a safetensors 'I32' or 'BF16'
+        raise DataError(f"{path}: wrong dtype {dtype}: expected float16/float32/float64")
     if np.dtype(dtype) not in [np.dtype(d) for d in FLOAT_DTYPES]:
         raise DataError(f"{path}: wrong dtype {np.dtype(dtype)}: expected float16/float32/float64")
     return int(shape[1])
+
+
+def _load_npy(path: Path, **kw) -> np.ndarray:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), not a .npy array")
+    try:
+        return np.load(path, allow_pickle=False, **kw)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable .npy array ({exc})") from None
 
 
 def _present_mask(path: Path | None, values, num_entities: int) -> np.ndarray:
@@ -56,13 +69,10 @@ def _present_mask(path: Path | None, values, num_entities: int) -> np.ndarray:
 
 
 def _open_npy(path: Path, name: str, num_entities: int) -> FeatureSource:
-    try:
-        table = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{path}: not a readable .npy array ({exc})") from None
+    table = _load_npy(path, mmap_mode="r")
     dim = _check_shape(path, table.shape, table.dtype, num_entities)
     mask_path = path.with_name(f"{name}.present.npy")
-    present = np.load(mask_path, allow_pickle=False) if mask_path.is_file() else None
+    present = _load_npy(mask_path) if mask_path.is_file() else None
     return FeatureSource(name, path, table, _present_mask(mask_path, present, num_entities), dim)
 
 
@@ -93,16 +103,26 @@ def _open_pickle(path: Path, name: str, num_entities: int, allow_pickle: bool) -
         raise DataError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict) or not data:
         raise DataError(f"{path}: expected a non-empty {{entity_id: vector}} dict")
-    dim = len(next(iter(data.values())))
-    table = np.zeros((num_entities, dim), dtype=np.float32)
-    present = np.zeros(num_entities, dtype=bool)
+    table = present = None
+    dim = 0
     for key, vec in data.items():
-        idx = int(key)
+        try:
+            idx = int(key)
+            with np.errstate(over="ignore"):  # float64 beyond float32 -> inf: reported as non-finite later
+                row = np.asarray(vec, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: entry {key!r}: expected an integer entity id and a numeric vector") from None
+        if row.ndim != 1 or row.size == 0:
+            raise DataError(f"{path}: entity {key!r} has shape {row.shape}, expected a non-empty vector")
+        if table is None:
+            dim = row.size
+            table = np.zeros((num_entities, dim), dtype=np.float32)
+            present = np.zeros(num_entities, dtype=bool)
         if not 0 <= idx < num_entities:
             raise DataError(f"{path}: entity id {idx} out of range [0, {num_entities})")
-        if len(vec) != dim:
-            raise DataError(f"{path}: entity {idx} has dim {len(vec)}, expected {dim}")
-        table[idx] = vec
+        if row.size != dim:
+            raise DataError(f"{path}: entity {idx} has dim {row.size}, expected {dim}")
+        table[idx] = row
         present[idx] = True
     return FeatureSource(name, path, table, present, dim)
 

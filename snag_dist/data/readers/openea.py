@@ -16,8 +16,10 @@ from snag_dist.data.readers.features import discover_features
 from snag_dist.data.readers.source import (
     SourceDataset,
     TripleFile,
+    check_unique,
     clean_name,
     contiguous_map,
+    locate,
     require,
 )
 from snag_dist.data.readers.text import read_id_names, read_int_rows
@@ -56,7 +58,8 @@ def _relations(root: Path, triple_paths: list[Path]) -> tuple[np.ndarray, list[s
             ids.append(i)
             names += n
         raw = np.concatenate(ids)
-        return contiguous_map(raw, "relation", rel_files[0]), names, rel_files
+        origins = [(p, len(i)) for p, i in zip(rel_files, ids)]
+        return contiguous_map(raw, "relation", rel_files[0], origins), names, rel_files
     # No relation lists: every relation id used in the triples, in increasing order.
     used = np.unique(np.concatenate([np.unique(read_int_rows(p, 3)[:, 1]) for p in triple_paths]))
     return contiguous_map(used, "relation", triple_paths[0]), [str(r) for r in used], []
@@ -65,10 +68,18 @@ def _relations(root: Path, triple_paths: list[Path]) -> tuple[np.ndarray, list[s
 def _entities(root: Path) -> tuple[int, np.ndarray, list[str], list[Path]]:
     files = [require(root / "ent_ids_1"), require(root / "ent_ids_2")]
     (ids1, names1), (ids2, names2) = (read_id_names(p) for p in files)
+    for path, part in zip(files, (ids1, ids2)):
+        if len(part) == 0:
+            raise DataError(f"{path}: no entities (the file is empty)")
     ids = np.concatenate([ids1, ids2])
     n = len(ids)
-    if ids.min() < 0 or ids.max() >= n or len(np.unique(ids)) != n:
-        raise DataError(f"{files[0].parent}: entity ids of ent_ids_1/ent_ids_2 must be unique and cover 0..{n - 1}")
+    origins = [(files[0], len(ids1)), (files[1], len(ids2))]
+    check_unique(ids, "entity", origins)
+    outside = (ids < 0) | (ids >= n)
+    if outside.any():
+        path, line = locate(origins, int(np.argmax(outside)))
+        raise DataError(f"{path}: line {line}: entity id {int(ids[outside][0])} outside 0..{n - 1} (ent_ids_1 and "
+                        f"ent_ids_2 hold {n} entities together, numbered 0..{n - 1} without gaps)")
     kg = np.zeros(n, dtype=np.uint8)
     kg[ids2] = 1
     names = [""] * n
