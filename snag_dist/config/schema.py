@@ -200,6 +200,9 @@ class EvalConfig:
     completion_candidates: NonNegInt = doc(
         0, "completion: 0 = rank against every entity (full filtered); K > 0 = against K uniformly sampled "
         "entities per query (protocol 'sampled-K': its MRR is not comparable to full filtered MRR)")
+    spill_mib: NonNegInt = doc(
+        256, "completion on the stream path: a rank's entity vectors above this size (MiB) are kept in a "
+        "temporary file ($TMPDIR) while ranking, read back block by block, so memory stays flat in N; 0 = in memory")
 
 
 @dataclass(config=_FROZEN)

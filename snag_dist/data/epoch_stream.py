@@ -11,8 +11,10 @@ seeded WebDataset shuffle buffer and each block's rows are permuted, all seeded 
 epoch are the same for 1, 2 or any process count that divides it, and every row is read exactly once
 per epoch. Steps per epoch = the largest split's part count; a rank whose splits ran dry in the
 epoch's last steps repeats its last part (``Step.repeated``), so every rank takes the same number of
-optimizer steps. A mid-epoch resume replays the epoch's stream and skips the steps already trained
-(inside the readers: skipped rows are decoded, not batched or sent between processes).
+optimizer steps; the part is no row of the global batch (one process never reads it then), so tasks
+train none of it (alignment takes no pair that step, completion weights it 0). A mid-epoch resume
+replays the epoch's stream and skips the steps already trained (inside the readers: skipped rows are
+decoded, not batched or sent between processes).
 
 Nothing here talks to other processes: rank and world size are passed in.
 """

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -185,6 +186,70 @@ def load_rank_files(path: Path, name: str, rows: tuple[int, int] | None = None,
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from None
     return out
+
+
+def read_rank_rows(path: Path, name: str, rows: tuple[int, int], out: torch.Tensor, key: str = "weight",
+                   block: int = 65_536) -> None:
+    """Fill ``out`` (rows[1] - rows[0], ...) with rows [rows[0], rows[1]) of tensor ``key`` of the
+    ``<name>.rank<R>.<K>`` files, ``block`` rows at a time: no second copy of the rows is ever held
+    (a 1M-entity table loaded whole, then cut and copied, briefly needs three times its size)."""
+    files = sorted(path.glob(f"{name}.rank*.*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {path} has no {name}.rank<R>.<K>.safetensors (saved on the full data path?)")
+    lo, hi = rows
+    filled = 0
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as part:
+                a, b = (int(v) for v in part.get_tensor("range").reshape(-1)[:2])
+                s, e = max(a, lo), min(b, hi)
+                if s >= e:
+                    continue
+                src = part.get_slice(key)
+                for x in range(s, e, block):
+                    y = min(x + block, e)
+                    out[x - lo:y - lo].copy_(src[x - a:y - a])
+                filled += e - s
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from None
+    if filled != hi - lo:  # the saved ranges tile [0, N): anything else is a foreign or partial checkpoint
+        raise CheckpointError(f"checkpoint {path}: its {name} files hold {filled} of rows [{lo}, {hi})")
+
+
+def map_rank_rows(path: Path, name: str, rows: tuple[int, int], tmp_dir: Path, key: str = "weight") -> np.ndarray:
+    """Rows [rows[0], rows[1]) of float32 tensor ``key`` of the ``<name>.rank<R>.<K>`` files as a read-only
+    (copy-on-write) memory map: of the checkpoint file itself when one file holds them all, else of a
+    file in ``tmp_dir`` they are copied into block by block. Evaluation reads the table this way: its
+    pages can leave the resident set after use (``ShardedTable.release``) instead of N/W rows held."""
+    lo, hi = rows
+    for f in sorted(path.glob(f"{name}.rank*.*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {f.name}: {exc}") from None
+        with safe_open(str(f), framework="pt") as part:
+            a, b = (int(v) for v in part.get_tensor("range").reshape(-1)[:2])
+        info = header.get(key, {})
+        if a <= lo and hi <= b and info.get("dtype") == "F32" and len(info.get("shape", ())) == 2:
+            width = int(info["shape"][1])
+            offset = 8 + size + int(info["data_offsets"][0]) + (lo - a) * width * 4
+            return np.memmap(f, dtype=np.float32, mode="c", offset=offset, shape=(hi - lo, width))
+    # Several files (another world size): one contiguous copy, written with plain writes (pages
+    # written through a mapping would count in this process's resident set).
+    with safe_open(str(next(iter(sorted(path.glob(f"{name}.rank*.*.safetensors"))))), framework="pt") as part:
+        width = int(part.get_slice(key).get_shape()[1])
+    out = tmp_dir / f"{name}.rows-{lo}-{hi}.f32"
+    block = torch.empty(0, width)
+    with open(out, "wb") as fh:
+        for x in range(lo, hi, 65_536):
+            y = min(x + 65_536, hi)
+            block = torch.empty(y - x, width)
+            read_rank_rows(path, name, (x, y), block, key)
+            block.numpy().tofile(fh)
+    del block
+    return np.memmap(out, dtype=np.float32, mode="c", shape=(hi - lo, width))
 
 
 def load_rank_shard(path: Path, rank: int) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -22,8 +23,9 @@ from snag_dist.engine.checkpoint import (
     checkpoint_dir,
     latest,
     load_checkpoint,
-    load_rank_files,
     load_task_state,
+    map_rank_rows,
+    read_rank_rows,
     recover,
     tags,
 )
@@ -266,15 +268,20 @@ def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"
     task = TASKS.get(cfg.task.name)(cfg, comm.rank, comm.world_size, device, comm=comm)
     load_model_state(task.module, model_state, best)
     table = getattr(task, "table", None)
-    if table is not None:  # stream path: this rank's rows from the rank files that overlap them
-        table.load_shards(load_rank_files(best, "table", rows=(table.start, table.stop), keys=("range", "weight")))
-    if hasattr(task, "load_state_dict"):  # e.g. the pseudo links the best epoch trained with
-        task.load_state_dict(load_task_state(best))
-    out = {}
-    for split in splits:
-        start = time.perf_counter()
-        metrics = task.evaluate(task.module, split)
-        out[split] = {**metrics, **getattr(task, "eval_seconds", {}), "eval_seconds": time.perf_counter() - start}
+    with tempfile.TemporaryDirectory(prefix="snag-eval-") as tmp:
+        if table is not None:  # stream path: this rank's rows from the rank files that overlap them
+            if device.type == "cpu" and table.stop > table.start:  # read from the checkpoint file, not held
+                table.use_mapped(map_rank_rows(best, "table", (table.start, table.stop), Path(tmp)))
+            else:
+                with torch.no_grad():
+                    read_rank_rows(best, "table", (table.start, table.stop), table.weight)
+        if hasattr(task, "load_state_dict"):  # e.g. the pseudo links the best epoch trained with
+            task.load_state_dict(load_task_state(best))
+        out = {}
+        for split in splits:
+            start = time.perf_counter()
+            metrics = task.evaluate(task.module, split)
+            out[split] = {**metrics, **getattr(task, "eval_seconds", {}), "eval_seconds": time.perf_counter() - start}
     return out
 
 

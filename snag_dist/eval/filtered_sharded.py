@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -65,21 +67,69 @@ class _Alone:
         return x, list(send_counts)
 
 
+class FileRows:
+    """This rank's (n, d) float32 entity vectors kept in a file instead of memory (``eval.spill_mib``).
+
+    Every candidate round reads its block with a plain read (no mapping whose touched pages would
+    stay in the resident set), anchors and golds are read by id, so the rank's resident memory stays
+    flat in N: only the round's block is ever held. Written once per evaluation by `write`.
+    """
+
+    def __init__(self, path: Path, n: int, d: int, device: torch.device) -> None:
+        self.path, self.n, self.d, self.device = Path(path), n, d, device
+
+    @classmethod
+    def write(cls, path: Path, blocks, d: int, device: torch.device) -> FileRows:
+        """Rows from an iterator of (b, d) blocks, appended in order."""
+        n = 0
+        with open(path, "wb") as fh:
+            for block in blocks:
+                block.detach().float().cpu().numpy().tofile(fh)
+                n += len(block)
+        return cls(path, n, d, device)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, a: int, b: int) -> Tensor:
+        a, b = max(0, a), min(b, self.n)
+        count = max(0, b - a) * self.d
+        block = np.fromfile(self.path, dtype=np.float32, count=count, offset=a * self.d * 4)
+        return torch.from_numpy(block).view(-1, self.d).to(self.device)
+
+    def take(self, ids: Tensor) -> Tensor:
+        mapped = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.n, self.d))
+        out = np.array(mapped[ids.cpu().numpy()])  # a copy: the map is dropped right away
+        del mapped
+        return torch.from_numpy(out).view(-1, self.d).to(self.device)
+
+
+Rows = Tensor | FileRows
+
+
+def _slice(mine: Rows, a: int, b: int) -> Tensor:
+    return mine.rows(a, b) if isinstance(mine, FileRows) else mine[a:b]
+
+
+def _take(mine: Rows, ids: Tensor) -> Tensor:
+    return mine.take(ids) if isinstance(mine, FileRows) else mine[ids.to(mine.device)]
+
+
 def _starts(sizes: list[int]) -> Tensor:
     return torch.tensor([0, *sizes]).cumsum(0)
 
 
-def fetch_rows(mine: Tensor, ids: Tensor, comm: Exchange, starts: Tensor) -> Tensor:
+def fetch_rows(mine: Rows, ids: Tensor, comm: Exchange, starts: Tensor) -> Tensor:
     """Rows ``ids`` (global) of a table whose rank r holds rows [starts[r], starts[r + 1]).
     Every rank must call it (possibly with no ids)."""
     ids = ids.long().cpu()
     if comm.world_size == 1:
-        return mine[ids.to(mine.device)]
+        return _take(mine, ids)
     owner = torch.searchsorted(starts[1:], ids.contiguous(), right=True)
     order = owner.argsort(stable=True)
     counts = torch.bincount(owner, minlength=comm.world_size).tolist()
     asked, asked_counts = comm.all_to_all(ids[order], counts)
-    rows = mine[(asked - starts[comm.rank]).to(mine.device)]
+    rows = _take(mine, asked - starts[comm.rank])
     back, _ = comm.all_to_all(rows, asked_counts)
     out = torch.empty_like(back)
     out[order.to(back.device)] = back
@@ -103,7 +153,7 @@ def _columns(triples: Tensor, predict_head: bool) -> tuple[Tensor, Tensor, Tenso
     return triples[:, anchor_col], triples[:, 1], triples[:, target_col]
 
 
-def _direction(block_score: BlockScore, mine: Tensor, triples: Tensor, predict_head: bool, comm: Exchange,
+def _direction(block_score: BlockScore, mine: Rows, triples: Tensor, predict_head: bool, comm: Exchange,
                starts: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(anchor ids, relations, target ids, anchor vectors, gold scores) of the queries of one direction."""
     anchor_id, rel, target = _columns(triples, predict_head)
@@ -139,7 +189,7 @@ class _Round:
         return self.offsets[owner] + off, inside
 
 
-def full_filtered_ranks(block_score: BlockScore, mine: Tensor, triples_Q3: Tensor, known: KnownTriples,
+def full_filtered_ranks(block_score: BlockScore, mine: Rows, triples_Q3: Tensor, known: KnownTriples,
                         chunk: int, block: int, comm: Exchange | None = None,
                         ties: Ties = "realistic") -> DirectionRanks:
     """Filtered ranks of this rank's queries among all N entities, candidates in rounds of W x block rows."""
@@ -159,7 +209,7 @@ def full_filtered_ranks(block_score: BlockScore, mine: Tensor, triples_Q3: Tenso
         equal = torch.zeros(len(triples), dtype=torch.float64)
         for i in range(rounds):
             lens = [max(0, min(block, s - i * block)) for s in sizes]
-            cand = comm.gather_rows(mine[i * block:i * block + lens[comm.rank]], lens)
+            cand = comm.gather_rows(_slice(mine, i * block, i * block + lens[comm.rank]), lens)
             where = _Round(starts, i * block, lens)
             for a, b in _spans(0, len(triples), chunk):
                 s = block_score(anchor[a:b], rel[a:b], predict_head, cand)  # (c, R)
@@ -193,7 +243,7 @@ def sampled_candidates(seed: int, group: int, k: int, n: int) -> Tensor:
     return (_mix(counter) & 0x7FFFFFFFFFFF) % n
 
 
-def sampled_filtered_ranks(block_score: BlockScore, mine: Tensor, triples_Q3: Tensor, first_query: int,
+def sampled_filtered_ranks(block_score: BlockScore, mine: Rows, triples_Q3: Tensor, first_query: int,
                            known: KnownTriples, k: int, seed: int, comm: Exchange | None = None,
                            ties: Ties = "realistic") -> DirectionRanks:
     """Ranks of this rank's queries (global indices first_query...) among k sampled candidates each

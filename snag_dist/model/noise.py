@@ -7,19 +7,27 @@ structure modality uses both ratios times `structure_scale` (0.5 in the paper) a
 are recomputed from the learned embedding at every resample. Evaluation always sees clean inputs.
 
 Resampling: "epoch" fixes the chosen entities and their eps for a whole epoch, indexed by entity
-id (the reference redraws once per epoch); "step" draws afresh on every call.
+id (the reference redraws once per epoch); "step" draws afresh on every call (one step counter over
+all modality calls, reset by `resample`, saved in the state).
 
-Draws, two ways:
+Both ways of drawing index every draw by ENTITY ID, never by row position or process, so a
+data-parallel run (any world size, any split of a batch over the ranks) noises an entity exactly as
+one process does, as long as every rank makes the same calls (one model call per training step):
 - table (keyed=False, the full-graph path): every draw uses a torch.Generator seeded from (seed,
   epoch, step, modality), so a run replays exactly; draws made on different device types (CPU vs
-  CUDA generators) differ. Epoch mode draws a mask over all N entity ids and eps for the K noised
-  ones and caches them; step mode draws per row of the call. Pass a rank-mixed seed to `resample`
-  for per-rank draws.
+  CUDA generators) differ. A draw is a mask over all N entity ids and eps for the K noised ones
+  (O(N + K x D), cached per modality: once per epoch, or once per step in step mode); a call
+  indexes it by the rows' entity ids.
 - keyed (keyed=True, the stream path): a draw is a pure function of (seed, epoch[, step], modality,
   entity id) by a counter-based hash, made only for the rows of the call (eps only for the noised
   ones): nothing N-sized, and an entity gets the same noise whichever process or batch holds it.
   The integer part is exact on every device; the float part (Box-Muller) may differ by an ulp
   between CPU and CUDA.
+
+Keyed dropout (`KeyedDropout`, the same idea for the fusion Transformer's dropout): a row's mask is a
+pure function of (seed, epoch, step, site, call, entity id of the row), so a rank that holds a share of
+the batch drops out exactly what one process drops for those entities (torch's dropout draws from
+each process's RNG over the rows that process has: another mask as soon as the batch is split).
 
 Shapes: N entities, B batch rows, D dims, K noised entities (or noised rows), J = ceil(D / 2).
 """
@@ -27,9 +35,11 @@ Shapes: N entities, B batch rows, D dims, K noised entities (or noised rows), J 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from snag_dist.config.schema import NoiseConfig
@@ -100,6 +110,91 @@ def keyed_normal(key: int, ids: torch.Tensor, dim: int) -> torch.Tensor:
     return z_B2J.view(ids.shape[0], 2 * half)[:, :dim]
 
 
+def keyed_keep(key: int, ids: torch.Tensor, width: int, keep: float) -> torch.Tensor:
+    """(B, width) bool: element (e, j) is kept iff the j-th 32-bit uniform of row e's splitmix64 stream
+    (seeded with keyed_hash(key, e), as in keyed_normal: output j+1 gives the high and low halves of
+    columns j and j + J) is below `keep`, decided on integers: the same mask on every device."""
+    half = (width + 1) // 2
+    g_BJ = _mix_(keyed_hash(key, ids)[:, None] + torch.arange(1, half + 1, device=ids.device) * _GOLDEN)
+    limit = math.ceil(keep * 2.0**32)
+    out_B2J = torch.empty(ids.shape[0], 2, half, dtype=torch.bool, device=ids.device)
+    torch.lt(_srl(g_BJ, 32), limit, out=out_B2J[:, 0])
+    torch.lt(g_BJ.bitwise_and_(_LOW32), limit, out=out_B2J[:, 1])
+    return out_B2J.view(ids.shape[0], 2 * half)[:, :width]
+
+
+class DropoutKeys:
+    """What keyed dropout masks are keyed by, shared by a model's `KeyedDropout` modules: the run's seed,
+    the training position (epoch, step) that the task sets, and the entity ids of the rows of the model
+    call in flight (`rows(ids)`, set by the task's input path around each call). Not module state:
+    nothing to save, since the position comes back with the data position on a resume."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self.position: tuple[int, int] | None = None
+        self.ids: torch.Tensor | None = None
+        self._calls: dict[str, int] = {}
+
+    def set_position(self, epoch: int, step: int) -> None:
+        self.position = (int(epoch), int(step))
+
+    @contextmanager
+    def rows(self, ids: torch.Tensor) -> Iterator[None]:
+        """Rows of the calls inside are entities `ids` (one id per row, in order)."""
+        saved = self.ids, self._calls
+        self.ids, self._calls = ids, {}
+        try:
+            yield
+        finally:
+            self.ids, self._calls = saved
+
+    def key(self, site: str) -> int:
+        """The key of the next mask at `site` in this call (a site called twice draws two masks)."""
+        call = self._calls.get(site, 0)
+        self._calls[site] = call + 1
+        return draw_seed("dropout", self.seed, *self.position, site, call)
+
+
+class KeyedDropout(nn.Module):
+    """nn.Dropout whose mask is keyed by (seed, epoch, step, site, call, entity id of each row).
+
+    Keyed when the input's rows are the entities of `keys.rows(...)` and a training position is set;
+    otherwise (a model called directly, a task that sets no position) plain dropout from torch's RNG.
+    """
+
+    def __init__(self, p: float, site: str, keys: DropoutKeys) -> None:
+        super().__init__()
+        self.p, self.site = float(p), site
+        self.keys = keys  # shared plain attribute: not a submodule, not state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        ids, keys = self.keys.ids, self.keys
+        if ids is None or keys.position is None or x.dim() == 0 or ids.shape[0] != x.shape[0]:
+            return F.dropout(x, self.p, training=True)
+        if self.p >= 1.0:
+            return x * 0.0
+        width = math.prod(x.shape[1:])
+        keep = keyed_keep(keys.key(self.site), ids.to(device=x.device, dtype=torch.long), width, 1.0 - self.p)
+        return x * keep.view(x.shape).to(x.dtype) * (1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, site={self.site}, keyed by entity id"
+
+
+def use_keyed_dropout(module: nn.Module, keys: DropoutKeys) -> int:
+    """Replace every nn.Dropout inside `module` (whose inputs have one row per entity, as the fusion's)
+    by a KeyedDropout sharing `keys`, named by its path; returns how many were replaced."""
+    swapped = 0
+    for path, parent in list(module.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(parent, name, KeyedDropout(child.p, f"{path}.{name}" if path else name, keys))
+                swapped += 1
+    return swapped
+
+
 def check_overrides(cfg: NoiseConfig, known: Iterable[str]) -> None:
     """Fail on per-modality overrides for a modality nobody knows (most likely a typo)."""
     known = set(known)
@@ -112,8 +207,8 @@ class GaussModalityNoise(nn.Module):
     """GMNM over named modalities: call `noise(name, x_BD, entity_ids_B)` on each modality input.
 
     `stats[name] = (mean (D,), std (D,))` per modality; a 'structure' entry is a placeholder that
-    `resample(..., struct_weight)` / `set_structure_stats` overwrite. `num_entities` is needed only
-    for table epoch resampling (masks are drawn for every entity id). `keyed=True` makes every draw a
+    `resample(..., struct_weight)` / `set_structure_stats` overwrite. `num_entities` is needed for
+    table draws (masks are drawn for every entity id). `keyed=True` makes every draw a
     pure function of (seed, epoch[, step], modality, entity id), with no N-sized state (the caller
     resolves NoiseConfig.draws="auto"); `mask_of(name, ids)` then tells which rows a draw noises.
     """
@@ -140,9 +235,10 @@ class GaussModalityNoise(nn.Module):
             self.register_buffer(f"{name}_mean", mean.detach().float().clone(), persistent=persistent)
             self.register_buffer(f"{name}_std", std.detach().float().clone(), persistent=persistent)
         self._seed, self._epoch, self._step = 0, 0, 0
-        self._drawn: dict[str, tuple[torch.device, torch.Tensor, torch.Tensor]] = {}  # name -> (dev, pos_N, eps_KD)
+        # name -> (device, step or None, pos_N, eps_KD): the table draw of the epoch or of one step
+        self._drawn: dict[str, tuple[torch.device, int | None, torch.Tensor, torch.Tensor]] = {}
         self._last: dict[str, torch.Tensor] = {}  # name -> mask_B of the last call
-        self._last_step: dict[str, int] = {}  # name -> step of the last keyed step-mode call
+        self._last_step: dict[str, int] = {}  # name -> step of the last step-mode call
 
     # ---- configuration -------------------------------------------------------------------
     def ratios(self, name: str) -> tuple[float, float]:
@@ -202,32 +298,40 @@ class GaussModalityNoise(nn.Module):
         gen.manual_seed(draw_seed(self._seed, self._epoch, step, name))
         return gen
 
-    def _epoch_draw(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pos_N, eps_KD): pos_N[e] is e's row in eps_KD, or -1 when e is not noised this epoch."""
+    def _table_draw(self, name: str, step: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pos_N, eps_KD) of the epoch (step None) or of one step: pos_N[e] is e's row in eps_KD, or
+        -1 when e is not noised. Drawn over all N entity ids, so a row's noise depends on its entity
+        id only (not on which rows, or which process, the call has)."""
         mean, std = self.stats(name)
         cached = self._drawn.get(name)
-        if cached is not None and cached[0] == mean.device:
-            return cached[1], cached[2]
+        if cached is not None and cached[0] == mean.device and cached[1] == step:
+            return cached[2], cached[3]
         if self.num_entities is None:
-            raise ConfigError("epoch resampling needs GaussModalityNoise(num_entities=...)")
+            raise ConfigError("table GMNM draws need GaussModalityNoise(num_entities=...)")
         noise_ratio, _ = self.ratios(name)
-        gen = self._generator(mean.device, name, step=None)
+        gen = self._generator(mean.device, name, step=step)
         mask_N = torch.rand(self.num_entities, generator=gen, device=mean.device) < noise_ratio
         pos_N = torch.where(mask_N, torch.cumsum(mask_N, 0) - 1, -1)
         k = int(mask_N.sum())
         eps_KD = mean + std * torch.randn(k, mean.shape[0], generator=gen, device=mean.device)
-        self._drawn[name] = (mean.device, pos_N, eps_KD)
+        self._drawn[name] = (mean.device, step, pos_N, eps_KD)
         return pos_N, eps_KD
 
-    def _step_draw(self, name: str, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mask_B, eps_BD) drawn afresh; the step counter moves on every call."""
-        mean, std = self.stats(name)
-        noise_ratio, _ = self.ratios(name)
-        gen = self._generator(device, name, step=self._step)
-        self._step += 1
-        mask_B = torch.rand(rows, generator=gen, device=device) < noise_ratio
-        eps_BD = torch.randn(rows, mean.shape[0], generator=gen, device=device)
-        return mask_B, mean.to(device) + std.to(device) * eps_BD
+    def _next_step(self, name: str) -> int | None:
+        """The step of this call (step mode: the counter moves on; epoch mode: None)."""
+        if self.cfg.resample != "step":
+            return None
+        step, self._step = self._step, self._step + 1  # one counter over all modalities
+        self._last_step[name] = step
+        return step
+
+    def _call_step(self, name: str) -> int | None:
+        """The step of the last call for `name` (step mode), None in epoch mode."""
+        if self.cfg.resample != "step":
+            return None
+        if name not in self._last_step:
+            raise KeyError(f"no step-mode noise call for modality '{name}' yet")
+        return self._last_step[name]
 
     def _key(self, part: str, name: str, step: int | None) -> int:
         """The 63-bit key of a keyed draw, part "mask" or "eps" (step None: the epoch's draw)."""
@@ -244,26 +348,21 @@ class GaussModalityNoise(nn.Module):
         return torch.addcmul(mean.to(ids_K.device), std.to(ids_K.device), z_KD)
 
     def entity_mask(self, name: str) -> torch.Tensor:
-        """(N,) bool: the entities noised in modality `name` this epoch (table epoch mode)."""
+        """(N,) bool: the entities noised in modality `name` (table draws; epoch mode: this epoch's,
+        step mode: the last call's)."""
         if self.keyed:
             raise ConfigError("keyed GMNM draws keep no per-entity table; use mask_of(name, entity_ids)")
-        return self._epoch_draw(name)[0] >= 0
+        self.stats(name)
+        return self._table_draw(name, self._call_step(name))[0] >= 0
 
     def mask_of(self, name: str, entity_ids_B: torch.Tensor) -> torch.Tensor:
-        """(B,) bool: whether the draw noises these entities (epoch mode: this epoch's; keyed step mode:
-        the last call's for `name`). Independent of train/eval; nothing N-sized when keyed."""
+        """(B,) bool: whether the draw noises these entities (epoch mode: this epoch's; step mode: the
+        last call's for `name`). Independent of train/eval; nothing N-sized when keyed."""
         self.stats(name)  # a known modality
         if not self.keyed:
-            if self.cfg.resample != "epoch":
-                raise ConfigError("table step-mode draws are per row, not per entity; use last_mask(name)")
             mask_N = self.entity_mask(name)
             return mask_N[entity_ids_B.to(mask_N.device)].to(entity_ids_B.device)
-        step = None
-        if self.cfg.resample == "step":
-            if name not in self._last_step:
-                raise KeyError(f"no keyed step-mode noise call for modality '{name}' yet")
-            step = self._last_step[name]
-        return self._keyed_mask(name, entity_ids_B, step)
+        return self._keyed_mask(name, entity_ids_B, self._call_step(name))
 
     def last_mask(self, name: str) -> torch.Tensor:
         """(B,) bool: the rows noised by the last call for `name` (all False when noise is off)."""
@@ -281,30 +380,23 @@ class GaussModalityNoise(nn.Module):
         mean, _ = self.stats(name)
         if x_BD.dim() != 2 or x_BD.shape[1] != mean.shape[0]:
             raise DataError(f"'{name}' input has shape {tuple(x_BD.shape)}, its noise stats have D={mean.shape[0]}")
+        step = self._next_step(name)
         if self.keyed:
-            return self._keyed_forward(name, x_BD, entity_ids_B, mask_ratio)
-        if self.cfg.resample == "epoch":
-            pos_N, eps_KD = self._epoch_draw(name)
-            pos_B = pos_N.to(x_BD.device)[entity_ids_B.to(x_BD.device)]
-            mask_B = pos_B >= 0
-            if eps_KD.shape[0] == 0:  # nobody drawn this epoch (tiny N or ratio)
-                self._last[name] = mask_B
-                return x_BD
-            eps_BD = eps_KD.to(x_BD.device)[pos_B.clamp_min(0)]
-        else:
-            mask_B, eps_BD = self._step_draw(name, x_BD.shape[0], x_BD.device)
+            return self._keyed_forward(name, x_BD, entity_ids_B, mask_ratio, step)
+        pos_N, eps_KD = self._table_draw(name, step)
+        pos_B = pos_N.to(x_BD.device)[entity_ids_B.to(x_BD.device)]
+        mask_B = pos_B >= 0
         self._last[name] = mask_B
+        if eps_KD.shape[0] == 0:  # nobody drawn (tiny N or ratio)
+            return x_BD
+        eps_BD = eps_KD.to(x_BD.device)[pos_B.clamp_min(0)]
         mixed_BD = (1.0 - mask_ratio) * x_BD + mask_ratio * eps_BD.to(x_BD.dtype)
         return torch.where(mask_B[:, None], mixed_BD, x_BD)
 
     def _keyed_forward(
-        self, name: str, x_BD: torch.Tensor, entity_ids_B: torch.Tensor, mask_ratio: float
+        self, name: str, x_BD: torch.Tensor, entity_ids_B: torch.Tensor, mask_ratio: float, step: int | None
     ) -> torch.Tensor:
         """Keyed GMNM: the mask from the ids, eps only for the noised rows (O(K x D) draws)."""
-        step = None
-        if self.cfg.resample == "step":
-            step, self._step = self._step, self._step + 1  # one counter over all modalities, as table mode
-            self._last_step[name] = step
         ids_B = entity_ids_B.to(device=x_BD.device, dtype=torch.long)
         mask_B = self._keyed_mask(name, ids_B, step)
         self._last[name] = mask_B

@@ -21,6 +21,9 @@ call ``rows`` the same number of times in the same order (one call per training 
 
 from __future__ import annotations
 
+import mmap
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,6 +78,21 @@ class ShardedTable:
         self.weight = nn.Parameter(keyed_normal_rows(seed, self.start, self.stop, dim, std).to(device))
         self.base_lr = lr
         self.optimizer = torch.optim.SparseAdam([self.weight], lr=lr)
+
+    def use_mapped(self, rows: np.ndarray) -> None:
+        """Read this rank's rows from a memory map (evaluation of a checkpoint, CPU): no copy of the
+        rows is held, and ``release`` drops the pages read so far from the resident set."""
+        if rows.shape != tuple(self.weight.shape):
+            raise ValueError(f"mapped rows {rows.shape} do not fit this rank's table {tuple(self.weight.shape)}")
+        self.weight.data = torch.from_numpy(rows)
+        self._mapped = rows
+
+    def release(self) -> None:
+        """MADV_DONTNEED on a mapped weight (see ``use_mapped``): the pages stay in the OS page cache but
+        stop counting in this process's RSS; a later read faults them back in. No-op otherwise."""
+        mapped = getattr(getattr(self, "_mapped", None), "_mmap", None)
+        if mapped is not None and hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     def owner(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(self.starts, ids.to(self.starts.device), right=True) - 1

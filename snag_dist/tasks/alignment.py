@@ -8,6 +8,13 @@ used once per epoch. Stream path: each rank reads its virtual splits of the link
 (``data/epoch_stream.py``), the GAT runs on a sampled subgraph of the batch and the structure rows
 come from the row-sharded table (``tasks/inputs.py``); the contrastive losses still see the whole
 global batch (rows gathered with gradient).
+
+World-size independence: every loss term is normalised by the global batch (``gather_global_batch``),
+GMNM and the fusion's dropout are keyed by entity id (``model/noise.py``), so W processes compute the
+losses and gradients of one process up to float summation order, for any batch size: a rank whose
+share of a step is empty (a last global batch smaller than the world; on the stream path, a rank
+whose splits ran dry while others still have rows) trains no pair in that step and joins the step's
+collectives with a placeholder row (``encode_placeholder``) that no loss term uses.
 """
 
 from __future__ import annotations
@@ -54,10 +61,13 @@ class AlignmentModule(nn.Module):
         self.comm: Comm = LocalComm()  # set by the task: contrast over the global batch of all ranks
 
     def forward(self, pairs_B2: torch.Tensor) -> dict[str, torch.Tensor]:
-        uniq_O, inv = torch.unique(pairs_B2, return_inverse=True)
-        out = self.inputs.encode(self.model, uniq_O)
-        self.last_weights = out.modality_weights.detach().mean(0)
-        pairs = inv.view(-1, 2)
+        if pairs_B2.shape[0] == 0:  # no pair on this rank this step: join the collectives, train nothing
+            out, pairs = self.inputs.encode_placeholder(self.model), pairs_B2.view(0, 2).long()
+        else:
+            uniq_O, inv = torch.unique(pairs_B2, return_inverse=True)
+            out = self.inputs.encode(self.model, uniq_O)
+            self.last_weights = out.modality_weights.detach().mean(0)
+            pairs = inv.view(-1, 2)
         if not self.comm.active:
             return self.loss(out, pairs)
         out, pairs, rows = gather_global_batch(out, pairs, self.comm)
@@ -181,7 +191,10 @@ class AlignmentTask:
                 if step >= total:
                     return
                 self.inputs.set_position(epoch, step)
-                yield torch.from_numpy(local.rows).to(self.device)
+                # A repeated part (this rank's splits ran dry) is no part of the global batch that one
+                # process trains: the rank takes no pair (a placeholder call, see AlignmentModule).
+                rows = np.zeros((0, 2), dtype=np.int64) if local.repeated else local.rows
+                yield torch.from_numpy(rows).to(self.device)
             return
         pairs = self.train_pairs()
         order = torch.randperm(len(pairs), generator=generator(self.cfg.train.seed, epoch))
@@ -191,6 +204,8 @@ class AlignmentTask:
                 return
             if step >= start:
                 global_batch = pairs[order[begin:begin + bs]]
+                self.inputs.set_position(epoch, step)
+                # may be empty when the global batch is smaller than the world (AlignmentModule.forward)
                 yield global_batch[self.rank::self.world].to(self.device)
 
     # -- hooks --------------------------------------------------------------------------------

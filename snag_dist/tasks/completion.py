@@ -54,6 +54,7 @@ N entities, R relations, H hidden, D complex dimension.
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -73,7 +74,7 @@ from snag_dist.data.store import cached_build
 from snag_dist.data.stream import read_all_rows
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.eval.filtered import COMPLETION_HITS, KnownTriples, filtered_rank_stats, metrics_from_stats
-from snag_dist.eval.filtered_sharded import full_filtered_ranks, sampled_filtered_ranks
+from snag_dist.eval.filtered_sharded import FileRows, full_filtered_ranks, sampled_filtered_ranks
 from snag_dist.eval.ranking import QueryShard, rank_stats, shard_bounds
 from snag_dist.model.snag import SNAG
 from snag_dist.model.spec import STRUCTURE
@@ -578,9 +579,22 @@ class CompletionTask:
                           ) -> tuple[dict[str, torch.Tensor], str]:
         """Stream path (or sampled candidates): each rank holds its block of the entity vectors and ranks
         its block of the queries (eval/filtered_sharded.py); memory flat in N beyond that block."""
-        start = time.perf_counter()
-        mine = self._my_vectors(module)
-        self._embed_seconds = time.perf_counter() - start
+        with tempfile.TemporaryDirectory(prefix="snag-eval-") as tmp:
+            start = time.perf_counter()
+            mine = self._my_vectors(module, Path(tmp) / "vectors.f32" if self._spill(module) else None)
+            self._embed_seconds = time.perf_counter() - start
+            return self._rank_sharded(module, mine, triples)
+
+    def _spill(self, module: CompletionModule) -> bool:
+        """Whether this rank's block of vectors goes to a file while ranking (``eval.spill_mib``)."""
+        from snag_dist.data.store import partition_range
+
+        lo, hi = partition_range(self.num_entities, self.comm.rank, self.comm.world_size)
+        limit = self.cfg.eval.spill_mib
+        return limit > 0 and (hi - lo) * 2 * module.rotate.dim * 4 > limit * 2**20
+
+    def _rank_sharded(self, module: CompletionModule, mine: torch.Tensor | FileRows, triples: torch.Tensor,
+                      ) -> tuple[dict[str, torch.Tensor], str]:
         comm = self.comm
         lo, hi = shard_bounds(len(triples), comm if comm.active else None)
         kernel, d = self.ccfg.kernel, module.rotate.dim
@@ -607,25 +621,37 @@ class CompletionTask:
         return self.comm.gather_rows(self._my_vectors(module)) if self.stream else module.entity_table(
             self.cfg.eval.chunk_size)
 
-    def _my_vectors(self, module: CompletionModule) -> torch.Tensor:
-        """This rank's contiguous block of the (N, 2D) entity vectors (`partition_range`). On the stream
-        path each rank encodes only its block, with the same number of model calls on every rank (the
-        sharded table exchanges rows on every call); the full path encodes all and slices."""
+    def _my_vectors(self, module: CompletionModule, spill: Path | None = None) -> torch.Tensor | FileRows:
+        """This rank's contiguous block of the (N, 2D) entity vectors (`partition_range`), in memory or,
+        with ``spill``, written to that file. On the stream path each rank encodes only its block, with
+        the same number of model calls on every rank (the sharded table exchanges rows on every call);
+        the full path encodes all and slices."""
         from snag_dist.data.store import partition_range
 
         lo, hi = partition_range(self.num_entities, self.comm.rank, self.comm.world_size)
-        chunk = self.cfg.eval.chunk_size
+        chunk, width = self.cfg.eval.chunk_size, 2 * module.rotate.dim
         if not self.stream:
-            return module.entity_table(chunk)[lo:hi]
+            mine = module.entity_table(chunk)[lo:hi]
+            return mine if spill is None else FileRows.write(spill, [mine], width, mine.device)
         spans = [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
         rounds = max(int(v) for v in self.comm.gather_rows(torch.tensor([len(spans)])).tolist())
-        parts = []
-        for i in range(rounds):  # equal call counts on every rank (the table exchanges rows)
-            a, b = spans[i] if i < len(spans) else (lo, min(lo + 1, hi))
-            rows = module.entity_table(chunk, torch.arange(a, b))
-            if i < len(spans):
-                parts.append(rows)
-        return torch.cat(parts) if parts else torch.zeros(0, 2 * module.rotate.dim)
+
+        def blocks():
+            for i in range(rounds):  # equal call counts on every rank (the table exchanges rows)
+                a, b = spans[i] if i < len(spans) else (lo, min(lo + 1, hi))
+                rows = module.entity_table(chunk, torch.arange(a, b))
+                if self.table is not None:
+                    self.table.release()  # a table read from its checkpoint: its pages leave the RSS
+                if i < len(spans):
+                    yield rows
+
+        device = next(module.parameters()).device
+        if spill is not None:
+            return FileRows.write(spill, blocks(), width, device)
+        out = torch.empty(hi - lo, width, device=device)  # filled in place: no list + cat (2x the block)
+        for rows, (a, b) in zip(blocks(), spans):
+            out[a - lo:b - lo] = rows
+        return out
 
     def epoch_stats(self, module: CompletionModule) -> dict[str, object]:
         if module.last_weights is None:

@@ -13,6 +13,13 @@ produced (``encode(model, ids) -> SnagOutput`` for the entities ``ids``):
 
 ``data.mode=auto`` picks full when the full-graph estimate (``full_graph_bytes``) fits
 ``data.full_max_gib`` per process, else stream.
+
+Both paths key the fusion Transformer's dropout by entity id (``model.noise.KeyedDropout``): the task
+sets the training position (``set_position(epoch, step)``) and ``encode`` names the rows' entities, so
+a process that holds a share of a batch drops out what one process holding all of it does.
+``encode_placeholder`` is a model call for a rank with no rows in a step (a global batch smaller than
+the world, or a rank whose stream splits ran dry): it takes part in every collective of a step, and
+its output, which no loss term uses, sends no gradient to any parameter or table row.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from snag_dist.data.store import FeatureStore
 from snag_dist.data.stream import read_all_rows
 from snag_dist.errors import ConfigError
 from snag_dist.model.encoders import init_std
+from snag_dist.model.noise import DropoutKeys, use_keyed_dropout
 from snag_dist.model.sampling import sample_subgraph
 from snag_dist.model.sharded_table import ShardedTable
 from snag_dist.model.snag import SNAG, SnagOutput, build_snag
@@ -100,23 +108,29 @@ class FullGraphInputs:
 
     table = None  # the structure table is the model's own nn.Embedding
 
-    def __init__(self, graph: GraphData) -> None:
+    def __init__(self, graph: GraphData, dropout_keys: DropoutKeys | None = None) -> None:
         self.graph = graph
         self.num_entities = len(graph.ids)
+        self.dropout_keys = dropout_keys or DropoutKeys(0)
 
     def kg(self) -> torch.Tensor:
         return self.graph.kg
 
     def set_position(self, epoch: int, step: int) -> None:
-        return None
+        self.dropout_keys.set_position(epoch, step)
 
     def encode(self, model: SNAG, ids: torch.Tensor) -> SnagOutput:
         g = self.graph
-        if any(enc.uses_graph for enc in model.encoders.values()):
-            return model(g.ids, g.features, g.present, g.edge_index, out_index=ids)
-        # no graph encoder: only these rows are read, noised, encoded and fused
-        feats = {k: v[ids] for k, v in g.features.items() if k in model.encoders}
-        return model(ids, feats, g.present[ids])
+        with self.dropout_keys.rows(ids):  # the fused rows are entities ids (g.ids is arange(N))
+            if any(enc.uses_graph for enc in model.encoders.values()):
+                return model(g.ids, g.features, g.present, g.edge_index, out_index=ids)
+            # no graph encoder: only these rows are read, noised, encoded and fused
+            feats = {k: v[ids] for k, v in g.features.items() if k in model.encoders}
+            return model(ids, feats, g.present[ids])
+
+    def encode_placeholder(self, model: SNAG) -> SnagOutput:
+        """One row (entity 0) that no loss term uses: the dense weights get zero gradients from it."""
+        return self.encode(model, torch.zeros(1, dtype=torch.long, device=self.graph.ids.device))
 
     def embed_chunk(self, chunk: int) -> int:
         # Every model call reruns the whole-graph GAT: chunks of at least N rows mean one GAT pass.
@@ -153,7 +167,7 @@ class StreamInputs:
     fixed key in evaluation, so every process draws the same subgraph for an entity."""
 
     def __init__(self, store: FeatureStore, graph: GraphStore | None, table: ShardedTable | None,
-                 fanout: list[int], seed: int, device: torch.device) -> None:
+                 fanout: list[int], seed: int, device: torch.device, dropout_keys: DropoutKeys | None = None) -> None:
         self.store, self.graph, self.table = store, graph, table
         store.advise_random()
         if graph is not None:
@@ -162,14 +176,28 @@ class StreamInputs:
         self.num_entities = store.stop - store.start
         self._key = stable_seed("sample", seed, 0, 0)
         self._lookups = 0
+        self.dropout_keys = dropout_keys or DropoutKeys(seed)
 
     def kg(self) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.store.kg))
 
     def set_position(self, epoch: int, step: int) -> None:
         self._key = stable_seed("sample", self.seed, epoch, step)
+        self.dropout_keys.set_position(epoch, step)
 
-    def encode(self, model: SNAG, ids: torch.Tensor) -> SnagOutput:
+    def encode_placeholder(self, model: SNAG) -> SnagOutput:
+        """One row (entity 0) that no loss term uses, whose table exchange asks for no row: every
+        collective of a step runs, and no table row gets a (zero) sparse gradient, which SparseAdam
+        would otherwise treat as a touch (a decay of the row's moments and a step)."""
+        return self.encode(model, torch.zeros(1, dtype=torch.long), placeholder=True)
+
+    def _table_rows(self, ids: torch.Tensor, placeholder: bool) -> torch.Tensor:
+        if not placeholder:
+            return self.table.rows(ids)
+        none = self.table.rows(ids[:0])  # the step's exchange, for no row (a zero-row gradient comes back)
+        return none.new_zeros(len(ids), none.shape[1]) + none.sum(0)
+
+    def encode(self, model: SNAG, ids: torch.Tensor, placeholder: bool = False) -> SnagOutput:
         ids_cpu = ids.cpu()
         looked = self.store.lookup(ids_cpu.numpy())
         self._lookups += 1
@@ -185,11 +213,13 @@ class StreamInputs:
                 key = self._key if model.training else stable_seed("sample-eval", self.seed)
                 sampled = sample_subgraph(self.graph.indptr, self.graph.indices, ids_cpu, self.fanout, key)
                 sampled = sampled.to(self.device) if hasattr(sampled, "to") else sampled
-                feats[STRUCTURE] = self.table.rows(sampled.nodes)
+                feats[STRUCTURE] = self._table_rows(sampled.nodes, placeholder)
             else:
-                feats[STRUCTURE] = self.table.rows(ids_cpu)
+                feats[STRUCTURE] = self._table_rows(ids_cpu, placeholder)
             feats[STRUCTURE] = feats[STRUCTURE].to(self.device)
-        return model.forward_rows(ids.to(self.device), feats, looked["mask"].to(self.device), sampled)
+        ids = ids.to(self.device)
+        with self.dropout_keys.rows(ids):
+            return model.forward_rows(ids, feats, looked["mask"].to(self.device), sampled)
 
     def embed_chunk(self, chunk: int) -> int:
         return chunk
@@ -203,8 +233,10 @@ def build_inputs(cfg: Config, comm: Comm, device: torch.device, rows_group: str
     spec = model_spec(root, manifest)
     stream = resolve_mode(cfg, manifest, rows_group) == "stream"
     model = build_snag(cfg.model, cfg.noise if cfg.noise.enabled else None, spec, stream=stream)
+    keys = DropoutKeys(cfg.train.seed)
+    use_keyed_dropout(model.fusion, keys)  # fusion rows are entities: masks keyed by entity id
     if not stream:
-        return manifest, spec, model, FullGraphInputs(load_graph(root, cfg.data.store_dir).to(device))
+        return manifest, spec, model, FullGraphInputs(load_graph(root, cfg.data.store_dir).to(device), keys)
     if cfg.engine.precision == "fp16":
         raise ConfigError("engine.precision=fp16 with data.mode=stream: the sharded table's sparse gradients "
                           "are not loss-unscaled; use bf16 (or data.mode=full)")
@@ -216,4 +248,4 @@ def build_inputs(cfg: Config, comm: Comm, device: torch.device, rows_group: str
     if encoder is not None:
         table = ShardedTable(manifest.num_entities, cfg.model.hidden, comm, cfg.train.seed,
                              init_std(manifest.num_entities), cfg.train.lr * cfg.train.embedding_lr_scale, device)
-    return manifest, spec, model, StreamInputs(store, graph, table, fanout, cfg.train.seed, device)
+    return manifest, spec, model, StreamInputs(store, graph, table, fanout, cfg.train.seed, device, keys)

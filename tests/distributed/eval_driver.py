@@ -7,6 +7,7 @@ the test compares them with one process. Arguments: OUT
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 
 from snag_dist.engine.dist import Collectives
 from snag_dist.eval.filtered import KnownTriples
-from snag_dist.eval.filtered_sharded import full_filtered_ranks, sampled_filtered_ranks
+from snag_dist.eval.filtered_sharded import FileRows, full_filtered_ranks, sampled_filtered_ranks
 from snag_dist.eval.ranking import alignment_ranks, mutual_nearest_pairs, shard_bounds
 from snag_dist.eval.topk import IndexSpec, topk_alignment_ranks, topk_mutual_pairs
 
@@ -64,8 +65,13 @@ def completion(comm) -> dict[str, torch.Tensor]:
     lo, hi = shard_bounds(len(triples), comm)
     full = full_filtered_ranks(score, mine, triples[lo:hi], known, chunk=9, block=7, comm=comm)
     sampled = sampled_filtered_ranks(score, mine, triples[lo:hi], lo, known, 17, 5, comm)
+    with tempfile.TemporaryDirectory() as tmp:  # the rank's vectors in a file (eval.spill_mib)
+        spilled = FileRows.write(Path(tmp) / "v.f32", [mine[:4], mine[4:]], mine.shape[1], mine.device)
+        s_full = full_filtered_ranks(score, spilled, triples[lo:hi], known, chunk=9, block=7, comm=comm)
+        s_sampled = sampled_filtered_ranks(score, spilled, triples[lo:hi], lo, known, 17, 5, comm)
     return {"full.head": full.head, "full.tail": full.tail, "sampled.head": sampled.head,
-            "sampled.tail": sampled.tail}
+            "sampled.tail": sampled.tail, "spilled.full.head": s_full.head, "spilled.full.tail": s_full.tail,
+            "spilled.sampled.head": s_sampled.head, "spilled.sampled.tail": s_sampled.tail}
 
 
 def main() -> None:

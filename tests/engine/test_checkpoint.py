@@ -126,3 +126,20 @@ def test_iterative_phase_lr_follows_pseudo_links_and_resumes_exactly(sample_shar
     a = load_file(str(full / "checkpoints" / "epoch_8" / "model.safetensors"))
     b = load_file(str(part / "checkpoints" / "epoch_8" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_table_rows_read_in_blocks_from_rank_files(tmp_path):
+    """eval loads a rank's table rows block by block from whichever rank files cover them."""
+    from safetensors.torch import save_file
+
+    from snag_dist.engine.checkpoint import read_rank_rows
+
+    weight = torch.arange(40 * 3, dtype=torch.float32).view(40, 3)
+    for name, (a, b) in (("table.rank0.0", (0, 15)), ("table.rank0.1", (15, 25)), ("table.rank1.0", (25, 40))):
+        save_file({"range": torch.tensor([a, b]), "weight": weight[a:b].clone()}, str(tmp_path / f"{name}.safetensors"))
+    out = torch.zeros(22, 3)
+    read_rank_rows(tmp_path, "table", (10, 32), out, block=4)
+    assert torch.equal(out, weight[10:32])
+    (tmp_path / "table.rank1.0.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="hold 15 of rows"):
+        read_rank_rows(tmp_path, "table", (10, 32), torch.zeros(22, 3))

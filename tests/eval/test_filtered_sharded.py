@@ -70,3 +70,18 @@ def test_sampled_draw_does_not_depend_on_where_a_rank_starts():
     assert torch.equal(torch.cat([p.tail for p in parts]), whole.tail)
     assert torch.equal(torch.cat([p.head for p in parts]), whole.head)
     assert sampled_candidates(3, 0, 15, 53).unique().numel() > 5
+
+
+def test_vectors_in_a_file_rank_as_in_memory(tmp_path):
+    """eval.spill_mib: the rank's vectors written to a file and read back per round / by id."""
+    from snag_dist.eval.filtered_sharded import FileRows
+
+    vec, triples, known, block_score, _ = _graph(seed=3)
+    rows = FileRows.write(tmp_path / "v.f32", [vec[:10], vec[10:40], vec[40:]], vec.shape[1], vec.device)
+    assert len(rows) == len(vec) and torch.equal(rows.rows(5, 45), vec[5:45]) and len(rows.rows(50, 70)) == 3
+    assert torch.equal(rows.take(torch.tensor([52, 0, 7, 7])), vec[[52, 0, 7, 7]])
+    for got, want in ((full_filtered_ranks(block_score, rows, triples[:80], known, 9, 11),
+                       full_filtered_ranks(block_score, vec, triples[:80], known, 9, 11)),
+                      (sampled_filtered_ranks(block_score, rows, triples[:80], 0, known, 12, 1),
+                       sampled_filtered_ranks(block_score, vec, triples[:80], 0, known, 12, 1))):
+        assert torch.equal(got.head, want.head) and torch.equal(got.tail, want.tail)

@@ -12,7 +12,16 @@ from safetensors.torch import load as st_load  # bytes -> tensors, no pickle
 from snag_dist.config.schema import ModalityNoise, NoiseConfig
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.model import GaussModalityNoise, build_noise
-from snag_dist.model.noise import keyed_below, keyed_hash, keyed_normal, keyed_uniform
+from snag_dist.model.noise import (
+    DropoutKeys,
+    KeyedDropout,
+    keyed_below,
+    keyed_hash,
+    keyed_keep,
+    keyed_normal,
+    keyed_uniform,
+    use_keyed_dropout,
+)
 from tests.model.model_helpers import make_spec
 
 N, D = 20_000, 8
@@ -382,8 +391,92 @@ def test_mask_of_in_table_mode():
     noise.resample(epoch=0, seed=2)
     ids = torch.tensor([7, 3, 7, 19_999])
     assert torch.equal(noise.mask_of("image", ids), noise.entity_mask("image")[ids])
-    with pytest.raises(ConfigError, match="last_mask"):
-        make_noise(resample="step").mask_of("image", ids)
+    step = make_noise(resample="step", noise_ratio=0.5)
+    step.resample(epoch=0, seed=2)
+    with pytest.raises(KeyError, match="no step-mode noise call"):
+        step.mask_of("image", ids)
+    step("image", torch.zeros(len(ids), D), ids)
+    assert torch.equal(step.mask_of("image", ids), step.last_mask("image"))
+
+
+def test_table_step_draws_are_indexed_by_entity_id():
+    """Step mode draws per entity too: a rank holding part of a batch, in any order, gets what one
+    process holding all of it gets at the same step (the old per-row draw depended on the rows)."""
+    one, rank = make_noise(resample="step", noise_ratio=0.5), make_noise(resample="step", noise_ratio=0.5)
+    for n in (one, rank):
+        n.resample(epoch=1, seed=3)
+    ids = torch.randperm(N, generator=torch.Generator().manual_seed(1))[:600]
+    x = torch.randn(N, D)
+    for _ in range(3):  # three steps: image, then relation, per step (one counter over both)
+        full = {name: one(name, x[ids], ids) for name in ("image", "relation")}
+        mine = ids[1::2].flip(0)  # this rank's share, in another order
+        part = {name: rank(name, x[mine], mine) for name in ("image", "relation")}
+        for name in ("image", "relation"):
+            assert torch.equal(part[name], full[name][1::2].flip(0))
+            assert torch.equal(rank.last_mask(name), rank.mask_of(name, mine))
+    assert within(one.entity_mask("image").float().mean().item(), 0.5, N)  # the last step's draw over all N
+
+
+# ---- keyed dropout (the fusion's dropout, keyed by entity id) ---------------------------------------
+def test_keyed_keep_share_and_independence():
+    keep = keyed_keep(11, torch.arange(4000), 301, 0.9)
+    assert keep.shape == (4000, 301) and keep.dtype == torch.bool
+    assert within(keep.float().mean().item(), 0.9, keep.numel())
+    assert within(keep[:, 0].float().mean().item(), 0.9, 4000) and within(keep[:, 150].float().mean().item(), 0.9, 4000)
+    both = (~keep[:, 3] & ~keep[:, 3 + 151]).float().mean().item()  # the two halves of one hash word
+    assert within(both, 0.01, 4000)
+    assert torch.equal(keyed_keep(11, torch.tensor([3999, 5]), 301, 0.9), keep[[3999, 5]])
+    assert keyed_keep(11, torch.arange(10), 4, 1.0).all() and not keyed_keep(11, torch.arange(10), 4, 0.0).any()
+
+
+def _fusion(keys: DropoutKeys, p: float = 0.5) -> torch.nn.Module:
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Dropout(p), torch.nn.Linear(6, 6))
+    assert use_keyed_dropout(net, keys) == 1 and isinstance(net[1], KeyedDropout) and net[1].site == "1"
+    return net.train()
+
+
+def test_keyed_dropout_follows_the_entity_not_the_batch():
+    keys_one, keys_rank = DropoutKeys(5), DropoutKeys(5)
+    one, rank = _fusion(keys_one), _fusion(keys_rank)
+    rank.load_state_dict(one.state_dict())
+    ids = torch.tensor([40, 7, 13, 99, 2])
+    x = torch.sin(ids[:, None].float() + torch.arange(6))
+    for keys in (keys_one, keys_rank):
+        keys.set_position(epoch=2, step=4)
+    with keys_one.rows(ids):
+        full = one(x)
+    mine = torch.tensor([3, 1])
+    with keys_rank.rows(ids[mine]):
+        part = rank(x[mine])
+    assert torch.equal(part, full[mine])
+    drop = KeyedDropout(0.5, "s", keys_one).train()
+    with keys_one.rows(ids):
+        a, b = drop(torch.ones(5, 64)), drop(torch.ones(5, 64))  # a site called twice: two masks
+    assert set(a.unique().tolist()) <= {0.0, 2.0} and not torch.equal(a, b)
+    keys_one.set_position(epoch=2, step=5)
+    with keys_one.rows(ids):
+        assert not torch.equal(drop(torch.ones(5, 64)), a)  # a new step, a new mask
+    keys_one.set_position(epoch=2, step=4)
+    with keys_one.rows(ids):
+        assert torch.equal(drop(torch.ones(5, 64)), a)  # replays (a resume needs nothing saved)
+        assert torch.equal(drop.eval()(torch.ones(5, 64)), torch.ones(5, 64))  # off in eval
+
+
+def test_keyed_dropout_falls_back_without_rows_or_position():
+    keys = DropoutKeys(0)
+    drop = KeyedDropout(0.5, "s", keys).train()
+    x = torch.ones(8, 32)
+    torch.manual_seed(0)
+    plain = drop(x)  # no rows named: torch's dropout
+    torch.manual_seed(0)
+    assert torch.equal(plain, torch.nn.functional.dropout(x, 0.5, training=True))
+    with keys.rows(torch.arange(8)):  # rows but no training position (a task that sets none)
+        torch.manual_seed(0)
+        assert torch.equal(drop(x), plain)
+    keys.set_position(0, 0)
+    with keys.rows(torch.arange(3)):  # rows that are not the input's (a whole-graph call)
+        torch.manual_seed(0)
+        assert torch.equal(drop(x), plain)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -398,3 +491,18 @@ def test_keyed_draws_on_the_device_of_x():
     assert gpu.device.type == "cuda" and noise.last_mask("image").device.type == "cuda"
     assert torch.equal(noise.last_mask("image").cpu(), cpu_mask)  # the integer part is exact
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_keyed_dropout_mask_is_the_same_on_the_device():
+    ids = torch.arange(3000)
+    assert torch.equal(keyed_keep(9, ids.cuda(), 77, 0.9).cpu(), keyed_keep(9, ids, 77, 0.9))  # decided on integers
+    keys = DropoutKeys(1)
+    keys.set_position(0, 3)
+    drop = KeyedDropout(0.1, "s", keys).train()
+    x = torch.randn(3000, 77)
+    with keys.rows(ids):
+        cpu = drop(x)
+    with keys.rows(ids):
+        gpu = drop(x.cuda())  # ids on the CPU, x on the GPU: drawn on the GPU
+    assert gpu.device.type == "cuda" and torch.allclose(gpu.cpu(), cpu)

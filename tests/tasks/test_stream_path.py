@@ -135,6 +135,10 @@ def test_stream_run_trains_checkpoints_evaluates_and_exports(stream_shards, tmp_
     assert sum(__import__("json").loads(r)["steps"] for r in records) == 7  # train.max_steps
     again = evaluate_run(tmp_path / "run", ("test",))
     assert again["test"]["mrr"] == pytest.approx(summary["test"]["base"]["mrr"], abs=1e-6)
+    with pytest.MonkeyPatch.context() as mp:  # the vectors kept in a file while ranking (eval.spill_mib)
+        mp.setattr(CompletionTask, "_spill", lambda self, module: True)
+        spilled = evaluate_run(tmp_path / "run", ("test",))
+    assert spilled["test"]["mrr"] == again["test"]["mrr"]
     out = export_run(tmp_path / "run", tmp_path / "export")
     from safetensors.numpy import load_file
 
