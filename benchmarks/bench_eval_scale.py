@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=0.9)
     ap.add_argument("--k", type=int, default=3, help="CSLS neighbourhood")
     ap.add_argument("--chunk", type=int, default=4096)
-    ap.add_argument("--indexes", nargs="*", default=["ivf", "hnsw"])
+    ap.add_argument("--indexes", nargs="*", default=["ivf_sq8", "ivf", "hnsw"])
     ap.add_argument("--topk", nargs="+", type=int, default=[50])
     ap.add_argument("--probe", type=int, default=32)
     ap.add_argument("--skip-exact-top10", action="store_true", help="no recall@10 (saves two passes)")

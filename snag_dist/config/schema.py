@@ -192,7 +192,9 @@ class EvalConfig:
     exact_max_links: PosInt = doc(
         100_000, "auto: most links ranked exactly (cost ~4 x links^2 x width FLOP, split over the ranks)")
     topk: PosInt = doc(50, "protocol topk: candidates per query (>= task.alignment.csls_k)")
-    index: Literal["flat", "ivf", "hnsw"] = doc("ivf", "protocol topk: faiss index (flat = exact search)")
+    index: Literal["flat", "ivf", "ivf_sq8", "hnsw"] = doc(
+        "ivf_sq8", "protocol topk: faiss index (flat = exact search; ivf_sq8 = ivf scanning 8-bit codes, the "
+        "2 x topk best re-scored exactly: exact cosines, ~2x faster than ivf on CPU)")
     ivf_lists: NonNegInt = doc(0, "ivf cells (0 = 4 sqrt(rows per rank))")
     ivf_probe: PosInt = doc(32, "ivf cells searched per query")
     max_queries: NonNegInt = doc(

@@ -21,7 +21,8 @@ def _case(n: int = 60, dim: int = 12, noise: float = 0.8, seed: int = 0):
     return src, tgt
 
 
-@pytest.mark.parametrize("spec", [IndexSpec("flat"), IndexSpec("ivf", lists=4, probe=4), IndexSpec("hnsw", ef=200)])
+@pytest.mark.parametrize("spec", [IndexSpec("flat"), IndexSpec("ivf", lists=4, probe=4),
+                                  IndexSpec("ivf_sq8", lists=4, probe=4), IndexSpec("hnsw", ef=200)])
 @pytest.mark.parametrize("k_csls", [0, 3])
 def test_topk_with_k_equal_n_is_exact_csls(spec, k_csls):
     src, tgt = _case()
@@ -78,3 +79,15 @@ def test_missing_faiss_is_one_line_naming_the_package(monkeypatch):
     with pytest.raises(ConfigError, match="faiss-cpu") as err:
         topk_alignment_ranks(src, tgt, 3, 10, IndexSpec("ivf"))
     assert "\n" not in str(err.value)
+
+
+def test_ivf_sq8_scans_codes_but_returns_exact_cosines():
+    """8-bit codes only route and pre-rank; the kept candidates carry their exact float32 cosines."""
+    src, tgt = _case(noise=0.8, seed=5)
+    got = knn(src, tgt, 5, IndexSpec("ivf_sq8", lists=2, probe=1))
+    src_n, tgt_n = torch.nn.functional.normalize(src, dim=1), torch.nn.functional.normalize(tgt, dim=1)
+    found = got.ids >= 0
+    want = (src_n[:, None, :] * tgt_n[got.ids.clamp_min(0)]).sum(-1)
+    assert found.float().mean() > 0.9
+    assert torch.allclose(got.cos[found], want[found], atol=2e-6)
+    assert (got.cos[:, :-1] >= got.cos[:, 1:]).all()
