@@ -271,6 +271,8 @@ class AlignmentTask:
         if self.comm.active:
             rounds = max(int(v) for v in self.comm.gather_rows(torch.tensor([rounds])).tolist())
         emb = module.embed(call.to(self.device), self.cfg.eval.chunk_size, rounds)[: len(ids)]
+        if self.table is not None:
+            self.table.release()  # a table read from its checkpoint (`snag-dist eval`): pages leave the RSS
         return list(emb.split([len(b) for b in blocks]))
 
     def evaluate(self, module: AlignmentModule, split: str) -> dict[str, float | str]:
