@@ -34,6 +34,7 @@ from snag_dist.engine.loop import Trainer
 from snag_dist.engine.memory import keep_freed_memory
 from snag_dist.errors import CheckpointError, ConfigError, DataError
 from snag_dist.logging import MetricsLogger
+from snag_dist.model.sharded_table import rows_loaded_later
 from snag_dist.tasks.registry import TASKS
 
 
@@ -265,7 +266,8 @@ def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"
     best = find_checkpoint(run_dir, checkpoint)
     model_state, _, _ = load_checkpoint(best)
     comm, device = _eval_collectives()
-    task = TASKS.get(cfg.task.name)(cfg, comm.rank, comm.world_size, device, comm=comm)
+    with rows_loaded_later():  # the sharded table's rows come from the checkpoint below
+        task = TASKS.get(cfg.task.name)(cfg, comm.rank, comm.world_size, device, comm=comm)
     load_model_state(task.module, model_state, best)
     table = getattr(task, "table", None)
     with tempfile.TemporaryDirectory(prefix="snag-eval-") as tmp:

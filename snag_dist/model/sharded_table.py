@@ -22,6 +22,8 @@ call ``rows`` the same number of times in the same order (one call per training 
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -43,6 +45,22 @@ def keyed_normal_rows(seed: int, start: int, stop: int, dim: int, std: float) ->
         a, b = max(start, lo), min(stop, lo + _INIT_BLOCK)
         out[a - start:b - start] = values[a - lo:b - lo]
     return out
+
+
+_LOADED_LATER = False
+
+
+@contextmanager
+def rows_loaded_later() -> Iterator[None]:
+    """Tables built inside start uninitialised: a checkpoint fills them (``snag-dist eval``). The N/W x dim
+    random draw is never written, so its pages never count in the resident set (at 1M entities and one
+    process, 1 GiB of the evaluation's peak)."""
+    global _LOADED_LATER
+    before, _LOADED_LATER = _LOADED_LATER, True
+    try:
+        yield
+    finally:
+        _LOADED_LATER = before
 
 
 class _FetchRows(torch.autograd.Function):
@@ -75,7 +93,9 @@ class ShardedTable:
         device = device or torch.device("cpu")
         starts = [partition_range(num_rows, r, comm.world_size)[0] for r in range(comm.world_size)]
         self.starts = torch.tensor(starts, dtype=torch.long, device=device)
-        self.weight = nn.Parameter(keyed_normal_rows(seed, self.start, self.stop, dim, std).to(device))
+        rows = (torch.empty(self.stop - self.start, dim) if _LOADED_LATER else
+                keyed_normal_rows(seed, self.start, self.stop, dim, std))
+        self.weight = nn.Parameter(rows.to(device))
         self.base_lr = lr
         self.optimizer = torch.optim.SparseAdam([self.weight], lr=lr)
 
