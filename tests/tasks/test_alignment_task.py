@@ -45,7 +45,7 @@ def test_short_run_learns_structure_and_relations(sample_shards, tmp_path):
     assert top["mrr@1400"] == pytest.approx(test["mrr"], abs=3e-3)
     assert top["candidate_recall"] == 1.0
     small = evaluate_run(run, ("test",), ["eval.protocol=topk", "eval.topk=5", "eval.ivf_lists=8"])["test"]
-    assert small["protocol"] == "topk-5/ivf" and "hits@10" not in small and small["candidate_recall"] < 1.0
+    assert small["protocol"] == "topk-5/ivf_sq8" and "hits@10" not in small and small["candidate_recall"] < 1.0
     _check_export(run, tmp_path / "export", test, sample_shards)
 
 
