@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # Busy-waiting OpenMP threads collapse 5-20x when processes share 2 cores (tests spawn several).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test test-fast install lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Unit tier for the edit-test loop: no multi-process (dist), Ray (ray) or slow tests.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not dist and not ray" tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check snag_dist tests benchmarks tuning

@@ -70,3 +70,14 @@ def align_dir(tmp_path: Path) -> tuple[Path, dict]:
 def mkgc_dir(tmp_path: Path) -> tuple[Path, dict]:
     root = tmp_path / "mkgc"
     return root, write_completion(root)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Markers by folder: tests/distributed runs real processes (``dist``), tests/tune starts Ray
+    (``ray``); ``make test-fast`` leaves them, and ``slow``, out."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "distributed" in parts:
+            item.add_marker(pytest.mark.dist)
+        if "tune" in parts:
+            item.add_marker(pytest.mark.ray)

@@ -220,6 +220,7 @@ def test_second_run_into_the_same_folder_is_refused_with_the_holders_pid(shards,
     assert _epochs(out) == [0]
 
 
+@pytest.mark.dist
 def test_workers_exit_when_the_torchrun_agent_is_killed(shards, tmp_path):
     out = tmp_path / "run"
     agent = start(torchrun(2, train_args("quickstart", LONG, shards, out)))

@@ -289,6 +289,7 @@ def _check_export(run, out, test_metrics):
     assert metrics_from_stats(stats)["mrr"] == pytest.approx(test_metrics["mrr"], rel=1e-3)
 
 
+@pytest.mark.dist
 def test_two_processes_train_and_evaluate(mini_shards, tmp_path):
     """2 real processes (torchrun, gloo): equal step counts per rank, DDP over the batch dataclass."""
     run = tmp_path / "run"
