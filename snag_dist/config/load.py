@@ -138,7 +138,7 @@ def _refuse_bool_number(key: str, tp: Any, value: Any) -> None:
 def build(data: dict[str, Any]) -> Config:
     check_keys(data, Config)
     try:
-        return Config(**data)
+        cfg = Config(**data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
@@ -146,6 +146,24 @@ def build(data: dict[str, Any]) -> Config:
         raise ConfigError(f"config key '{loc}': bad value {value!r}: {err['msg']}") from None
     except TypeError as exc:
         raise ConfigError(f"config: {exc}") from None
+    check_consistency(cfg)
+    return cfg
+
+
+def check_consistency(cfg: Config) -> None:
+    """Keys that would silently do nothing, or mislead, given the others: one line each."""
+    e = cfg.engine
+    if e.backend != "deepspeed":
+        for key, value, default in (("zero_stage", e.zero_stage, 0), ("ds_config", e.ds_config, "")):
+            if value != default:
+                raise ConfigError(f"engine.{key}={value!r} applies to engine.backend=deepspeed; this config uses "
+                                  f"engine.backend={e.backend} (set engine.backend=deepspeed, or drop engine.{key})")
+    if e.backend != "accelerate" and e.fsdp:
+        raise ConfigError(f"engine.fsdp=true applies to engine.backend=accelerate; this config uses "
+                          f"engine.backend={e.backend} (DeepSpeed shards with engine.zero_stage)")
+    if cfg.eval.split == "test":
+        raise ConfigError("eval.split=test would select epochs on the test split, which then no longer measures "
+                          "held-out quality; select on valid (eval.test_at_end tests the best weights once)")
 
 
 def load_config(source: str | None = None, overrides: list[str] | None = None) -> Config:

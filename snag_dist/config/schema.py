@@ -20,7 +20,7 @@ PosFloat = Annotated[float, Field(gt=0.0)]
 
 
 def doc(default, text: str, **kw):
-    """A field with a default and a one-line description (shown by `snag-dist config --explain`)."""
+    """A field with a default and a one-line description (the schema is the config's documentation)."""
     if isinstance(default, (list, dict)):
         return Field(default_factory=lambda d=default: type(d)(d), description=text, **kw)
     return Field(default=default, description=text, **kw)
@@ -182,7 +182,8 @@ class EngineConfig:
 
 @dataclass(config=_FROZEN)
 class EvalConfig:
-    split: Literal["valid", "test"] = doc("valid", "split used for model selection during training")
+    split: Literal["valid", "test"] = doc(
+        "valid", "split used for model selection during training ('test' is refused: it would select on test)")
     chunk_size: PosInt = doc(4096, "queries scored per chunk (memory O(chunk x entities))")
     test_at_end: bool = doc(True, "evaluate the best checkpoint on the test split at the end")
     protocol: Literal["auto", "exact", "topk"] = doc(

@@ -75,3 +75,15 @@ def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.lr = 1.0  # type: ignore[misc]
     assert to_dict(cfg)["train"]["lr"] == cfg.train.lr
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["engine.zero_stage=2"], "engine.zero_stage=2 applies to engine.backend=deepspeed"),
+    (["engine.ds_config=launchers/deepspeed/zero2.json"], "engine.ds_config=.* applies to engine.backend=deepspeed"),
+    (["engine.backend=deepspeed", "engine.fsdp=true"], "engine.fsdp=true applies to engine.backend=accelerate"),
+    (["eval.split=test"], "eval.split=test would select epochs on the test split"),
+])
+def test_keys_that_would_do_nothing_or_mislead_are_one_line_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("quickstart", overrides)
+    load_config("quickstart", ["engine.backend=deepspeed", "engine.zero_stage=2"])  # where they apply: fine
