@@ -49,10 +49,9 @@ def shards_for(work: Path, task: str, n: int) -> Path:
     raw, out = work / f"raw-{task}-{n}", work / f"shards-{task}-{n}"
     if (out / "manifest.json").is_file():
         return out
-    kind = "mkgc" if task == "completion" else "mmea"
     triples = int(4.5 * n) if task == "completion" else int(4.5 * n) * 2
     subprocess.run([sys.executable, "-m", "snag_dist", "synth", str(raw), "--entities", str(n), "--triples",
-                    str(triples), "--task", kind, "--modalities", MODALITIES, "--quiet"], check=True, cwd=ROOT)
+                    str(triples), "--task", task, "--modalities", MODALITIES, "--quiet"], check=True, cwd=ROOT)
     subprocess.run([sys.executable, "-m", "snag_dist", "prepare", str(raw), str(out), "--min-shards", "8",
                     "--quiet"], check=True, cwd=ROOT)
     shutil.rmtree(raw, ignore_errors=True)

@@ -39,7 +39,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from snag_dist.data.synth import SynthOptions, parse_modalities, synth
 
-    task = {"mmea": "mmea", "alignment": "mmea", "mkgc": "mkgc", "completion": "mkgc"}[args.task]
+    task = {"alignment": "mmea", "completion": "mkgc"}[args.task]  # the layouts' names in data/synth.py
     extra = {"modalities": parse_modalities(args.modalities)} if args.modalities else {}
     opts = SynthOptions(entities=args.entities, triples=args.triples, task=task, relations=args.relations,
                         seed=args.seed, **extra)
@@ -63,8 +63,10 @@ def _add_prepare(sub) -> None:
     p.add_argument("--block-size", type=int, default=8192, help="triples/links per block sample")
     p.add_argument("--min-shards", type=int, default=4, help="at least this many shards per split (ranks x workers)")
     p.add_argument("--relation-topk", type=int, default=1000, help="relation-bag size (0 = no relation modality)")
-    p.add_argument("--text", default="none", help="name features: none | minilm | chargram")
-    p.add_argument("--dtype", default="float16", help="storage dtype of dense features (float16|float32)")
+    p.add_argument("--text", default="none", metavar="{none,minilm,chargram}",
+                   help="name features: none, all-MiniLM-L6-v2 (offline package) or character n-grams")
+    p.add_argument("--dtype", default="float16", metavar="{float16,float32}",
+                   help="storage dtype of dense features")
     p.add_argument("--train-ratio", type=float, default=0.3, help="alignment: share of links for training")
     p.add_argument("--valid-ratio", type=float, default=0.1, help="alignment: share of training links for validation")
     p.add_argument("--seed", type=int, default=0)
@@ -86,7 +88,8 @@ def _add_data_verbs(sub) -> None:
     s.add_argument("out_dir")
     s.add_argument("--entities", type=int, required=True)
     s.add_argument("--triples", type=int, required=True)
-    s.add_argument("--task", default="mkgc", choices=["mmea", "mkgc", "alignment", "completion"])
+    s.add_argument("--task", default="completion", choices=["alignment", "completion"],
+                   help="two KGs with gold links (alignment) or one KG with triple splits (completion)")
     s.add_argument("--relations", type=int, default=200)
     s.add_argument("--modalities", default="", help="e.g. image:256:0.7,name:384:1.0,attribute:128:0.9")
     s.add_argument("--seed", type=int, default=0)

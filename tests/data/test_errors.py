@@ -145,3 +145,15 @@ def test_bad_prepare_option_value(align_dir, tmp_path, capsys):
 def test_manifest_corrupt_json(tmp_path, capsys):
     (tmp_path / "manifest.json").write_text("{not json")
     assert_one_line_error(capsys, ["verify", str(tmp_path)], "manifest.json", "corrupt JSON")
+
+
+def test_cli_options_show_their_choices_and_synth_speaks_task_names(tmp_path, capsys):
+    from snag_dist.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "verb").choices
+    prepare_help, synth_help = sub["prepare"].format_help(), sub["synth"].format_help()
+    assert "{none,minilm,chargram}" in prepare_help and "{float16,float32}" in prepare_help
+    assert "{alignment,completion}" in synth_help and "mkgc" not in synth_help
+    assert main(["synth", str(tmp_path / "s"), "--entities", "60", "--triples", "240", "--task", "completion",
+                 "--modalities", "image:4:0.5", "--quiet"]) == 0
+    assert (tmp_path / "s" / "train.txt").is_file()
