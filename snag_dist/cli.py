@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 
 from snag_dist.errors import SnagError
 
@@ -16,12 +17,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from snag_dist.data.prepare import PrepareOptions, prepare
     from snag_dist.report import print_manifest
 
-    opts = PrepareOptions(
-        shard_size=args.shard_size, block_size=args.block_size, min_shards=args.min_shards,
-        relation_topk=args.relation_topk, text=args.text, dtype=args.dtype, train_ratio=args.train_ratio,
-        valid_ratio=args.valid_ratio, seed=args.seed, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
-        mask_nonfinite=args.mask_nonfinite,
-    )
+    opts = PrepareOptions(**{f.name: getattr(args, f.name) for f in fields(PrepareOptions) if hasattr(args, f.name)})
     manifest = prepare(args.dataset_dir, args.out_dir, opts, show_progress=not args.quiet)
     print_manifest(manifest, args.out_dir)
     return 0
@@ -56,25 +52,30 @@ def _cmd_stream(args: argparse.Namespace) -> int:
 
 
 def _add_prepare(sub) -> None:
+    from snag_dist.data.prepare import PrepareOptions
+
+    d = PrepareOptions()  # the one place prepare's defaults live
     p = sub.add_parser("prepare", help="raw dataset -> WebDataset shards + manifest")
-    p.add_argument("dataset_dir")
-    p.add_argument("out_dir")
-    p.add_argument("--shard-size", type=int, default=16384, help="entities per entity shard")
-    p.add_argument("--block-size", type=int, default=8192, help="triples/links per block sample")
-    p.add_argument("--min-shards", type=int, default=4, help="at least this many shards per split (ranks x workers)")
-    p.add_argument("--relation-topk", type=int, default=1000, help="relation-bag size (0 = no relation modality)")
-    p.add_argument("--text", default="none", metavar="{none,minilm,chargram}",
+    p.add_argument("dataset_dir", help="raw dataset folder (alignment or completion layout, see README)")
+    p.add_argument("out_dir", help="shard folder to write (manifest.json + shards)")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="entities per entity shard")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="triples/links per block sample")
+    p.add_argument("--min-shards", type=int, default=d.min_shards,
+                   help="at least this many shards per split (ranks x workers)")
+    p.add_argument("--relation-topk", type=int, default=d.relation_topk,
+                   help="relation-bag size (0 = no relation modality)")
+    p.add_argument("--text", default=d.text, metavar="{none,minilm,chargram}",
                    help="name features: none, all-MiniLM-L6-v2 (offline package) or character n-grams")
-    p.add_argument("--dtype", default="float16", metavar="{float16,float32}",
-                   help="storage dtype of dense features")
-    p.add_argument("--train-ratio", type=float, default=0.3, help="alignment: share of links for training")
-    p.add_argument("--valid-ratio", type=float, default=0.1, help="alignment: share of training links for validation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=d.dtype, metavar="{float16,float32}", help="storage dtype of dense features")
+    p.add_argument("--train-ratio", type=float, default=d.train_ratio, help="alignment: share of links for training")
+    p.add_argument("--valid-ratio", type=float, default=d.valid_ratio,
+                   help="alignment: share of training links for validation")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the link splits")
     p.add_argument("--allow-pickle", action="store_true", help="accept .pkl feature files (they can run code)")
     p.add_argument("--mask-nonfinite", action="store_true",
                    help="an entity with a NaN/inf feature value lacks that modality (default: an error)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=_cmd_prepare)
 
 

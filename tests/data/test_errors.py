@@ -157,3 +157,18 @@ def test_cli_options_show_their_choices_and_synth_speaks_task_names(tmp_path, ca
     assert main(["synth", str(tmp_path / "s"), "--entities", "60", "--triples", "240", "--task", "completion",
                  "--modalities", "image:4:0.5", "--quiet"]) == 0
     assert (tmp_path / "s" / "train.txt").is_file()
+
+
+def test_prepare_cli_defaults_are_prepare_options_defaults(monkeypatch, tmp_path):
+    """prepare's defaults live in PrepareOptions only: the CLI passes every one of them through."""
+    import dataclasses
+
+    import snag_dist.data.prepare as prep
+    import snag_dist.report as report
+
+    seen = []
+    monkeypatch.setattr(prep, "prepare", lambda src, out, opts, show_progress: seen.append(opts))
+    monkeypatch.setattr(report, "print_manifest", lambda *a: None)
+    assert main(["prepare", str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"]) == 0
+    assert main(["prepare", str(tmp_path / "in"), str(tmp_path / "out"), "--seed", "3", "--mask-nonfinite"]) == 0
+    assert seen == [prep.PrepareOptions(), dataclasses.replace(prep.PrepareOptions(), seed=3, mask_nonfinite=True)]
