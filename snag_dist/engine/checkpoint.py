@@ -188,32 +188,42 @@ def load_rank_files(path: Path, name: str, rows: tuple[int, int] | None = None,
     return out
 
 
+def _row_blocks(path: Path, name: str, rows: tuple[int, int], key: str, block: int):
+    """(first row, tensor) blocks of rows [rows[0], rows[1]) of tensor ``key`` of the ``<name>.rank<R>.<K>``
+    files, in row order, ``block`` rows at a time; a one-line error unless the files cover them."""
+    files = sorted(path.glob(f"{name}.rank*.*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {path} has no {name}.rank<R>.<K>.safetensors (saved on the full data path?)")
+    lo, hi = rows
+    ranges = []
+    try:
+        for f in files:
+            with safe_open(str(f), framework="pt") as part:
+                ranges.append(tuple(int(v) for v in part.get_tensor("range").reshape(-1)[:2]) + (f,))
+        filled = 0
+        for a, b, f in sorted(ranges, key=lambda r: r[0]):
+            s, e = max(a, lo), min(b, hi)
+            if s >= e:
+                continue
+            with safe_open(str(f), framework="pt") as part:
+                src = part.get_slice(key)
+                for x in range(s, e, block):
+                    y = min(x + block, e)
+                    yield x, src[x - a:y - a]
+            filled += e - s
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from None
+    if filled != hi - lo:  # the saved ranges tile [0, N): anything else is a foreign or partial checkpoint
+        raise CheckpointError(f"checkpoint {path}: its {name} files hold {filled} of rows [{lo}, {hi})")
+
+
 def read_rank_rows(path: Path, name: str, rows: tuple[int, int], out: torch.Tensor, key: str = "weight",
                    block: int = 65_536) -> None:
     """Fill ``out`` (rows[1] - rows[0], ...) with rows [rows[0], rows[1]) of tensor ``key`` of the
     ``<name>.rank<R>.<K>`` files, ``block`` rows at a time: no second copy of the rows is ever held
     (a 1M-entity table loaded whole, then cut and copied, briefly needs three times its size)."""
-    files = sorted(path.glob(f"{name}.rank*.*.safetensors"))
-    if not files:
-        raise CheckpointError(f"checkpoint {path} has no {name}.rank<R>.<K>.safetensors (saved on the full data path?)")
-    lo, hi = rows
-    filled = 0
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as part:
-                a, b = (int(v) for v in part.get_tensor("range").reshape(-1)[:2])
-                s, e = max(a, lo), min(b, hi)
-                if s >= e:
-                    continue
-                src = part.get_slice(key)
-                for x in range(s, e, block):
-                    y = min(x + block, e)
-                    out[x - lo:y - lo].copy_(src[x - a:y - a])
-                filled += e - s
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {exc}") from None
-    if filled != hi - lo:  # the saved ranges tile [0, N): anything else is a foreign or partial checkpoint
-        raise CheckpointError(f"checkpoint {path}: its {name} files hold {filled} of rows [{lo}, {hi})")
+    for x, values in _row_blocks(path, name, rows, key, block):
+        out[x - rows[0]:x - rows[0] + len(values)].copy_(values)
 
 
 def map_rank_rows(path: Path, name: str, rows: tuple[int, int], tmp_dir: Path, key: str = "weight") -> np.ndarray:
@@ -227,10 +237,10 @@ def map_rank_rows(path: Path, name: str, rows: tuple[int, int], tmp_dir: Path, k
             with open(f, "rb") as fh:
                 size = int.from_bytes(fh.read(8), "little")
                 header = json.loads(fh.read(size))
-        except (OSError, ValueError) as exc:
+            with safe_open(str(f), framework="pt") as part:
+                a, b = (int(v) for v in part.get_tensor("range").reshape(-1)[:2])
+        except (OSError, ValueError, SafetensorError) as exc:
             raise CheckpointError(f"checkpoint {path} is corrupt: {f.name}: {exc}") from None
-        with safe_open(str(f), framework="pt") as part:
-            a, b = (int(v) for v in part.get_tensor("range").reshape(-1)[:2])
         info = header.get(key, {})
         if a <= lo and hi <= b and info.get("dtype") == "F32" and len(info.get("shape", ())) == 2:
             width = int(info["shape"][1])
@@ -238,17 +248,11 @@ def map_rank_rows(path: Path, name: str, rows: tuple[int, int], tmp_dir: Path, k
             return np.memmap(f, dtype=np.float32, mode="c", offset=offset, shape=(hi - lo, width))
     # Several files (another world size): one contiguous copy, written with plain writes (pages
     # written through a mapping would count in this process's resident set).
-    with safe_open(str(next(iter(sorted(path.glob(f"{name}.rank*.*.safetensors"))))), framework="pt") as part:
-        width = int(part.get_slice(key).get_shape()[1])
-    out = tmp_dir / f"{name}.rows-{lo}-{hi}.f32"
-    block = torch.empty(0, width)
+    out, width = tmp_dir / f"{name}.rows-{lo}-{hi}.f32", 0
     with open(out, "wb") as fh:
-        for x in range(lo, hi, 65_536):
-            y = min(x + 65_536, hi)
-            block = torch.empty(y - x, width)
-            read_rank_rows(path, name, (x, y), block, key)
-            block.numpy().tofile(fh)
-    del block
+        for _, values in _row_blocks(path, name, rows, key, 65_536):
+            values.float().numpy().tofile(fh)
+            width = values.shape[1]
     return np.memmap(out, dtype=np.float32, mode="c", shape=(hi - lo, width))
 
 

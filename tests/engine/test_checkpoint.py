@@ -130,9 +130,10 @@ def test_iterative_phase_lr_follows_pseudo_links_and_resumes_exactly(sample_shar
 
 def test_table_rows_read_in_blocks_from_rank_files(tmp_path):
     """eval loads a rank's table rows block by block from whichever rank files cover them."""
+    import numpy as np
     from safetensors.torch import save_file
 
-    from snag_dist.engine.checkpoint import read_rank_rows
+    from snag_dist.engine.checkpoint import map_rank_rows, read_rank_rows
 
     weight = torch.arange(40 * 3, dtype=torch.float32).view(40, 3)
     for name, (a, b) in (("table.rank0.0", (0, 15)), ("table.rank0.1", (15, 25)), ("table.rank1.0", (25, 40))):
@@ -140,6 +141,12 @@ def test_table_rows_read_in_blocks_from_rank_files(tmp_path):
     out = torch.zeros(22, 3)
     read_rank_rows(tmp_path, "table", (10, 32), out, block=4)
     assert torch.equal(out, weight[10:32])
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    spanning = map_rank_rows(tmp_path, "table", (10, 32), spill)  # two files: a contiguous copy, mapped
+    inside = map_rank_rows(tmp_path, "table", (16, 24), spill)  # one file: a map of the checkpoint itself
+    assert torch.equal(torch.from_numpy(np.array(spanning)), weight[10:32]) and len(list(spill.iterdir())) == 1
+    assert torch.equal(torch.from_numpy(np.array(inside)), weight[16:24]) and str(inside.filename).endswith("rank0.1.safetensors")
     (tmp_path / "table.rank1.0.safetensors").unlink()
     with pytest.raises(CheckpointError, match="hold 15 of rows"):
         read_rank_rows(tmp_path, "table", (10, 32), torch.zeros(22, 3))
