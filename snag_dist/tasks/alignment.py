@@ -122,6 +122,11 @@ def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Comm,
 class AlignmentTask:
     metric = "hits@1"
 
+    @staticmethod
+    def metric_for(cfg: Config) -> str:
+        """The selection metric of a run of ``cfg`` (what the engine and `snag-dist tune` maximise)."""
+        return AlignmentTask.metric
+
     def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
                  comm: Comm | None = None) -> None:
         self.cfg, self.rank, self.world = cfg, rank, world_size

@@ -302,7 +302,9 @@ class CompletionModule(nn.Module):
         else:
             present = out.present[..., None].to(out.hidden_stack.dtype)
             readout = (out.hidden_stack * present).sum(1) / present.sum(1).clamp_min(1.0)
-        vectors = self.projection(readout)
+        # RotatE distances stay in float32 under bf16/fp16 autocast: a sum of 128 moduli in bf16 keeps
+        # ~3 digits, too few to rank 15K candidates; only the encoders and fusion run in half precision.
+        vectors = self.projection(readout).float()
         if self.residual is not None:
             vectors = vectors + self.residual(ids_U)
         return vectors
@@ -530,10 +532,15 @@ class CompletionTask:
         if self.table is not None:
             set_structure_noise_stats(module.model, self.table)
 
+    @staticmethod
+    def metric_for(cfg: Config) -> str:
+        """The selection metric of a run of ``cfg`` (what the engine and `snag-dist tune` maximise)."""
+        k = cfg.eval.completion_candidates
+        return "mrr" if k == 0 else f"sampled-{k}/mrr"
+
     @property
     def metric(self) -> str:
-        k = self.cfg.eval.completion_candidates
-        return "mrr" if k == 0 else f"sampled-{k}/mrr"
+        return self.metric_for(self.cfg)
 
     def evaluate(self, module: CompletionModule, split: str) -> dict[str, float | str]:
         triples = self.triples[split]

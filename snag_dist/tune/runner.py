@@ -35,9 +35,14 @@ class TuneOutcome:
     plots: list[Path]
 
 
-def task_metric(task: str) -> str:
-    module, cls = _TASK_CLASSES[task].split(":")
-    return getattr(importlib.import_module(module), cls).metric
+def task_metric(cfg: Config) -> str:
+    """The metric trials report and ASHA / the searcher maximise, as the task computes it for ``cfg``
+    (completion's depends on eval.completion_candidates)."""
+    module, cls = _TASK_CLASSES[cfg.task.name].split(":")
+    metric = getattr(importlib.import_module(module), cls).metric_for(cfg)
+    if not isinstance(metric, str):
+        raise TypeError(f"{cls}.metric_for returned {type(metric).__name__}, want str")
+    return metric
 
 
 def absolute_paths(cfg: Config) -> Config:
@@ -113,7 +118,7 @@ def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False
         return tune.Tuner.restore(str(out), trainable, resume_unfinished=True, resume_errored=True)
     if (out / "tuner.pkl").exists():
         raise ConfigError(f"{out} already holds a search: pass --resume to continue it or choose another --out")
-    metric = task_metric(cfg.task.name)
+    metric = task_metric(cfg)
     tcfg = cfg.tune
     tune_config = tune.TuneConfig(
         metric=metric, mode="max", num_samples=tcfg.num_samples, search_alg=_search_alg(tcfg, cfg.train.seed),
@@ -143,7 +148,7 @@ def run_search(cfg: Config, space: SearchSpace, out: str | Path, resume: bool = 
     out = Path(out).expanduser().resolve()
     cfg = absolute_paths(cfg)
     validate(space, cfg, cfg.tune.search)
-    metric = task_metric(cfg.task.name)
+    metric = task_metric(cfg)
     grid = build_tuner(cfg, space, out, resume, fault, verbose).fit()
     rows = outputs.trial_rows(grid, cfg, space, metric)
     if not any(r["status"] != "error" for r in rows):
