@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from snag_dist.data.name_encoder import NameEncoder
 from snag_dist.data.readers.features import FeatureSource
 from snag_dist.data.readers.source import SourceDataset
 from snag_dist.data.records import cast_into
-from snag_dist.data.text import NameEncoder
 from snag_dist.errors import DataError
 
 TripleBlocks = Callable[[str], Iterator[np.ndarray]]  # split -> (B, 3) int64 blocks

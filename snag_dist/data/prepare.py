@@ -37,10 +37,10 @@ from snag_dist.data.manifest import (
     sha256_file,
     write_json_atomic,
 )
+from snag_dist.data.name_encoder import TEXT_ENCODERS
 from snag_dist.data.readers import SourceDataset, read_dataset
 from snag_dist.data.records import MEMBER, Column, Csr, EntityBlock, EntityLayout
 from snag_dist.data.tempdirs import check_output, describe_removed, make_dir, remove_stale, temp_path
-from snag_dist.data.text import TEXT_ENCODERS
 from snag_dist.errors import ConfigError, DataError
 
 _MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
