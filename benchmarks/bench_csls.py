@@ -21,7 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from snag_dist.eval.ranking import AlignmentRanks, alignment_ranks
+from snag_dist.eval.csls import alignment_ranks
+from snag_dist.eval.metrics import AlignmentRanks
 
 
 def dense_reference(emb: torch.Tensor, links: torch.Tensor, k: int) -> AlignmentRanks:

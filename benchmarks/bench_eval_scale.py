@@ -26,7 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from snag_dist.eval.ranking import RankMetrics, alignment_ranks, csls_topk
+from snag_dist.eval.csls import alignment_ranks
+from snag_dist.eval.metrics import RankMetrics
+from snag_dist.eval.neighbours import csls_topk
 from snag_dist.eval.topk import IndexSpec, csls_candidates, topk_alignment_ranks
 
 

@@ -27,7 +27,7 @@ import webdataset as wds
 from safetensors.numpy import save_file
 
 from snag_dist import __version__
-from snag_dist.data.entity_table import EntityTable
+from snag_dist.data.entity_features import EntityFeatures
 from snag_dist.data.manifest import (
     MANIFEST,
     STATS,
@@ -37,10 +37,10 @@ from snag_dist.data.manifest import (
     sha256_file,
     write_json_atomic,
 )
+from snag_dist.data.name_encoder import TEXT_ENCODERS
 from snag_dist.data.readers import SourceDataset, read_dataset
 from snag_dist.data.records import MEMBER, Column, Csr, EntityBlock, EntityLayout
 from snag_dist.data.tempdirs import check_output, describe_removed, make_dir, remove_stale, temp_path
-from snag_dist.data.text import TEXT_ENCODERS
 from snag_dist.errors import ConfigError, DataError
 
 _MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -114,26 +114,26 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _entity_samples(table: EntityTable, layout: EntityLayout, start: int, stop: int,
+def _entity_samples(features: EntityFeatures, layout: EntityLayout, start: int, stop: int,
                     block: int) -> Iterator[dict]:
     """Samples of ``block`` consecutive entities each, cut from one columnar chunk."""
-    cols, mask = table.chunk(start, stop)
-    dense = {c.name: cols[c.name] for c in table.columns if c.kind == "dense"}
-    bags = {c.name: Csr(*cols[c.name]) for c in table.columns if c.kind == "bag"}
-    chunk = EntityBlock(np.arange(start, stop), table.ds.kg[start:stop], mask, dense, bags)
+    cols, mask = features.chunk(start, stop)
+    dense = {c.name: cols[c.name] for c in features.columns if c.kind == "dense"}
+    bags = {c.name: Csr(*cols[c.name]) for c in features.columns if c.kind == "bag"}
+    chunk = EntityBlock(np.arange(start, stop), features.ds.kg[start:stop], mask, dense, bags)
     for a in range(0, stop - start, block):
         part = chunk.slice(a, min(a + block, stop - start))
         yield {"__key__": f"{start + a:010d}", MEMBER: layout.encode(part)}
 
 
-def _write_entities(table: EntityTable, out: Path, opts: PrepareOptions, progress, hasher: Executor) -> ShardSink:
-    n = table.ds.num_entities
+def _write_entities(features: EntityFeatures, out: Path, opts: PrepareOptions, progress, hasher: Executor) -> ShardSink:
+    n = features.ds.num_entities
     size = max(1, min(opts.shard_size, math.ceil(n / opts.min_shards)))
     sink = ShardSink(out, "entities", "entities/entities", hasher)
-    layout = EntityLayout(tuple(Column(c.name, c.kind, c.dim, np.dtype(c.dtype)) for c in table.columns))
+    layout = EntityLayout(tuple(Column(c.name, c.kind, c.dim, np.dtype(c.dtype)) for c in features.columns))
     for start in range(0, n, size):
         stop = min(n, start + size)
-        sink.write(_entity_samples(table, layout, start, stop, opts.entity_block), stop - start, start, stop - 1)
+        sink.write(_entity_samples(features, layout, start, stop, opts.entity_block), stop - start, start, stop - 1)
         progress(stop - start)
     return sink
 
@@ -204,10 +204,10 @@ def _write_rows(out: Path, group: str, blocks: Iterator[np.ndarray], total: int,
     return sink
 
 
-def _modalities(table: EntityTable, n: int, out: Path) -> tuple[dict[str, ModalityInfo], dict[str, np.ndarray]]:
+def _modalities(features: EntityFeatures, n: int, out: Path) -> tuple[dict[str, ModalityInfo], dict[str, np.ndarray]]:
     infos, stats = {}, {}
-    for col in table.columns:
-        mom = table.moments[col.name]
+    for col in features.columns:
+        mom = features.moments[col.name]
         mean, std = mom.mean_std()
         stats[f"{col.name}.mean"], stats[f"{col.name}.std"] = mean, std
         infos[col.name] = ModalityInfo(col.kind, col.dim, col.dtype, mom.n / max(n, 1),
@@ -224,13 +224,13 @@ def _check_modality_names(ds: SourceDataset) -> None:
 
 def _write_all(ds: SourceDataset, out: Path, opts: PrepareOptions, progress) -> Manifest:
     cache = TripleCache(ds, out / ".triples")
-    table = EntityTable(ds, opts.relation_topk, opts.text, opts.dtype, triples=cache.blocks,
-                        mask_nonfinite=opts.mask_nonfinite)
+    features = EntityFeatures(ds, opts.relation_topk, opts.text, opts.dtype, triples=cache.blocks,
+                              mask_nonfinite=opts.mask_nonfinite)
     counts: dict = {"entities": ds.num_entities, "relations": ds.num_relations,
                     "kgs": int(ds.kg.max()) + 1, "triples": {}, "links": {}}
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
         source_digests = {str(p.relative_to(ds.root)): hasher.submit(sha256_file, p) for p in ds.source_files}
-        sinks = {"entities": _write_entities(table, out, opts, progress, hasher)}
+        sinks = {"entities": _write_entities(features, out, opts, progress, hasher)}
         for split in ds.splits():
             total = cache.rows[split]
             if total == 0:
@@ -246,10 +246,10 @@ def _write_all(ds: SourceDataset, out: Path, opts: PrepareOptions, progress) -> 
                                                       "pairs.npy", opts, hasher)
         shards = {group: sink.infos for group, sink in sinks.items()}
         sources = {name: digest.result() for name, digest in source_digests.items()}
-    modalities, _ = _modalities(table, ds.num_entities, out)
-    if table.masked:
-        counts["masked_nonfinite"] = dict(table.masked)
-        for name, n in table.masked.items():
+    modalities, _ = _modalities(features, ds.num_entities, out)
+    if features.masked:
+        counts["masked_nonfinite"] = dict(features.masked)
+        for name, n in features.masked.items():
             _notice(f"{n} entities with non-finite '{name}' values treated as missing '{name}' "
                     f"({ds.features[name].path.name}, --mask-nonfinite)")
     return Manifest(

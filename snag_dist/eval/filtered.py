@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from snag_dist.eval.ranking import QueryShard, RankMetrics, Ties, rank_stats
+from snag_dist.eval.metrics import RankMetrics, Ties, rank_stats
+from snag_dist.eval.shards import QueryShard
 
 _EXACT_FLOAT_SUM = 2**24  # float32 sums of +-1 / 0 stay exact over fewer columns than this
 

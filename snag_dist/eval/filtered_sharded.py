@@ -3,7 +3,7 @@
 `eval.filtered` scores each query against one (N, 2D) table that every process holds: at 1M entities
 and width 256 that is 1 GiB per process before any score is computed. Here rank r holds only its
 contiguous block of entity vectors (`mine`, rows [start_r, start_r + n_r)) and ranks its block of
-the queries (`ranking.shard_bounds`):
+the queries (`shards.shard_bounds`):
 
   full filtered ("full"): the candidate blocks go round: in round i every rank contributes its rows
   [i B, (i + 1) B), all ranks gather them (W x B rows) and score their queries against them, adding
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from snag_dist.eval.filtered import DIRECTIONS, DirectionRanks, KnownTriples
-from snag_dist.eval.ranking import Ties
+from snag_dist.eval.metrics import Ties
 
 BlockScore = Callable[[Tensor, Tensor, bool, Tensor], Tensor]
 """block_score(anchor_c2D, relation_c, predict_head, candidates_R2D) -> (c, R) scores (higher is better)."""

@@ -1,6 +1,6 @@
 """Approximate alignment evaluation and pseudo links for large N: faiss top-k candidates, CSLS re-scored.
 
-Exact CSLS (`eval.ranking`) costs two n x m matmuls; at 2 x 1M entities that is hours on a few
+Exact CSLS (`eval.csls`) costs two n x m matmuls; at 2 x 1M entities that is hours on a few
 cores. Here each side is searched for its K best cosine candidates with a faiss index, the CSLS
 penalties are taken from those neighbourhoods (r(x) = mean of the k_csls best candidate cosines,
 k_csls <= K) and the K candidates are re-ranked by CSLS. The result is a *truncated* protocol
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from snag_dist.errors import ConfigError
-from snag_dist.eval.ranking import DEFAULT_HITS, AlignmentRanks, shard_bounds
+from snag_dist.eval.metrics import DEFAULT_HITS, AlignmentRanks
+from snag_dist.eval.shards import shard_bounds
 
 IndexKind = Literal["flat", "ivf", "ivf_sq8", "hnsw"]
 _MISS = math.inf  # rank of a gold entity outside the candidates
@@ -265,7 +266,7 @@ def topk_mutual_pairs(left: Tensor, right: Tensor, left_ids: Tensor, right_ids: 
     """Mutual CSLS nearest neighbours among the candidates: entity-id pairs (P, 2), on every rank.
 
     ``left``/``right`` are this rank's blocks of the two sides' embeddings, ``left_ids``/``right_ids``
-    their entity ids. Ties go to the lowest row, as in `ranking.mutual_nearest_pairs`."""
+    their entity ids. Ties go to the lowest row, as in `neighbours.mutual_nearest_pairs`."""
     s = csls_candidates(left, right, k_csls, k, spec, comm, block)
     best_right = _best(s.fwd_csls, s.fwd.ids)  # global right row of each of my left rows (-1: none)
     best_left = _best(s.bwd_csls, s.bwd.ids)  # global left row of each of my right rows

@@ -33,13 +33,10 @@ from snag_dist.config import Config
 from snag_dist.data.epoch_stream import EpochRows
 from snag_dist.data.stream import read_all_rows
 from snag_dist.errors import ConfigError, DataError
-from snag_dist.eval.ranking import (
-    RankMetrics,
-    alignment_ranks,
-    mutual_nearest_pairs,
-    rank_stats,
-    shard_bounds,
-)
+from snag_dist.eval.csls import alignment_ranks
+from snag_dist.eval.metrics import RankMetrics, rank_stats
+from snag_dist.eval.neighbours import mutual_nearest_pairs
+from snag_dist.eval.shards import shard_bounds
 from snag_dist.eval.topk import IndexSpec, topk_alignment_ranks, topk_mutual_pairs
 from snag_dist.model.snag import SNAG, SnagOutput
 from snag_dist.seeding import generator
@@ -282,7 +279,7 @@ class AlignmentTask:
 
     def evaluate(self, module: AlignmentModule, split: str) -> dict[str, float | str]:
         """Hits@k / MRR both ways. Each rank embeds its block of the links; 'exact' gathers them and
-        runs both CSLS passes sharded by rows (eval/ranking.py), 'topk' searches faiss indexes of
+        runs both CSLS passes sharded by rows (eval/csls.py), 'topk' searches faiss indexes of
         the rank blocks (eval/topk.py). The rank sums add up to the single-process metrics."""
         links = self.links[split]
         if len(links) == 0:

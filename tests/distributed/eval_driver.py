@@ -15,9 +15,11 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from snag_dist.engine.dist import Collectives
+from snag_dist.eval.csls import alignment_ranks
 from snag_dist.eval.filtered import KnownTriples
 from snag_dist.eval.filtered_sharded import FileRows, full_filtered_ranks, sampled_filtered_ranks
-from snag_dist.eval.ranking import alignment_ranks, mutual_nearest_pairs, shard_bounds
+from snag_dist.eval.neighbours import mutual_nearest_pairs
+from snag_dist.eval.shards import shard_bounds
 from snag_dist.eval.topk import IndexSpec, topk_alignment_ranks, topk_mutual_pairs
 
 

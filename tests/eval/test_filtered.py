@@ -13,7 +13,7 @@ from snag_dist.eval.filtered import (
     filtered_ranks,
     metrics_from_stats,
 )
-from snag_dist.eval.ranking import QueryShard
+from snag_dist.eval.shards import QueryShard
 
 # Hand-made graph: 5 entities, 2 relations.
 TRAIN = [(0, 0, 1), (0, 0, 2), (3, 1, 4)]

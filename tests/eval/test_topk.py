@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from snag_dist.errors import ConfigError
-from snag_dist.eval.ranking import alignment_ranks, mutual_nearest_pairs
+from snag_dist.eval.csls import alignment_ranks
+from snag_dist.eval.neighbours import mutual_nearest_pairs
 from snag_dist.eval.topk import IndexSpec, knn, topk_alignment_ranks, topk_mutual_pairs
 
 pytest.importorskip("faiss")

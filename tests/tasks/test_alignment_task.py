@@ -56,7 +56,7 @@ def _check_export(run, out, test_metrics, shards):
     from safetensors.numpy import load_file
 
     from snag_dist.data.stream import read_all_rows
-    from snag_dist.eval.ranking import alignment_metrics
+    from snag_dist.eval.csls import alignment_metrics
     from snag_dist.export import export_run
 
     export_run(run, out)

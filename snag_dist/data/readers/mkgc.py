@@ -13,7 +13,7 @@ import numpy as np
 
 from snag_dist.data.readers.features import discover_features
 from snag_dist.data.readers.source import SourceDataset, TripleFile, clean_name, contiguous_map, require
-from snag_dist.data.readers.text import read_id_names, read_int_rows
+from snag_dist.data.readers.text_files import read_id_names, read_int_rows
 from snag_dist.errors import DataError
 
 

@@ -22,7 +22,7 @@ from snag_dist.data.readers.source import (
     locate,
     require,
 )
-from snag_dist.data.readers.text import read_id_names, read_int_rows
+from snag_dist.data.readers.text_files import read_id_names, read_int_rows
 from snag_dist.errors import DataError
 
 

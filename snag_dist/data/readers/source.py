@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from snag_dist.data.readers.features import FeatureSource
-from snag_dist.data.readers.text import iter_int_rows, line_of_row
+from snag_dist.data.readers.text_files import iter_int_rows, line_of_row
 from snag_dist.errors import DataError
 
 SPLITS = ("train", "valid", "test")

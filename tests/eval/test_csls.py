@@ -1,4 +1,4 @@
-"""Chunked CSLS ranking against hand-computed numbers and a naive loop implementation."""
+"""Exact chunked CSLS ranking (eval/csls.py) against hand-computed numbers and a naive loop implementation."""
 
 from __future__ import annotations
 
@@ -8,17 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from snag_dist.eval import (
-    QueryShard,
-    RankMetrics,
+from snag_dist.eval.csls import (
     alignment_metrics,
     alignment_ranks,
     csls_hubness,
     csls_rank_metrics,
     csls_ranks,
-    csls_topk,
-    mutual_nearest_pairs,
 )
+from snag_dist.eval.neighbours import csls_topk
+from snag_dist.eval.shards import QueryShard
 
 
 def naive_csls(src: torch.Tensor, tgt: torch.Tensor, k: int) -> list[list[float]]:
@@ -61,24 +59,6 @@ def test_hand_computed_csls_k2():
     expected = torch.tensor([[0.7, -0.3, -1.3], [0.6, 0.0, -1.4]])
     assert torch.allclose(top.values, expected, atol=1e-6)
     assert csls_ranks(SRC, TGT, torch.tensor([1, 1]), k=2, chunk=1).tolist() == [2.0, 2.0]
-
-
-def test_hand_computed_csls_k1_changes_the_winner():
-    # k = 1: r_tgt = [1, 1], r_src = [1, .8, 1]; row 0 = [0, -.6, -2], row 1 = [-2, -.2, 0].
-    top = csls_topk(SRC, TGT, k=1, chunk=2, topn=3)
-    assert torch.allclose(top.values, torch.tensor([[0.0, -0.6, -2.0], [0.0, -0.2, -2.0]]), atol=1e-6)
-    naive = naive_csls(SRC, TGT, 1)
-    assert naive[1] == pytest.approx([-2.0, -0.2, 0.0])
-
-
-@pytest.mark.parametrize("k", [0, 1, 3, 50])
-def test_topk_matches_naive_loops(k):
-    gen = torch.Generator().manual_seed(k)
-    src, tgt = torch.randn(9, 4, generator=gen), torch.randn(11, 4, generator=gen)
-    top = csls_topk(src, tgt, k=k, chunk=4, topn=11)
-    naive = torch.tensor(naive_csls(src, tgt, k), dtype=torch.float64)
-    expected = naive.sort(dim=1, descending=True).values
-    assert torch.allclose(top.values.double(), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 16, 40, 41, 1000])
@@ -155,14 +135,6 @@ def test_k0_is_plain_cosine():
     assert torch.equal(csls_ranks(src, tgt, gold, k=0, chunk=5).long(), expected)
 
 
-def test_rank_metrics_from_ranks():
-    metrics = RankMetrics.from_ranks(torch.tensor([1.0, 2.0, 10.0, 11.0]))
-    assert metrics.hits == {1: 0.25, 10: 0.75}
-    assert metrics.mrr == pytest.approx((1 + 0.5 + 0.1 + 1 / 11) / 4)
-    assert metrics.mean_rank == pytest.approx(6.0)
-    assert metrics.as_dict("r2l/")["r2l/hits@10"] == 0.75
-
-
 def test_alignment_metrics_keys_and_perfect_case():
     gen = torch.Generator().manual_seed(4)
     left = torch.randn(20, 8, generator=gen)
@@ -175,32 +147,6 @@ def test_alignment_metrics_keys_and_perfect_case():
     assert metrics["hits@1"] == 1.0 and metrics["r2l/mrr"] == 1.0
     single = csls_rank_metrics(emb[:20], emb[20:], torch.arange(20), k=3, chunk=7)
     assert single.hits[1] == 1.0
-
-
-@pytest.mark.parametrize("chunk", [3, 16, 100])
-@pytest.mark.parametrize("k", [0, 3])
-def test_mutual_nearest_pairs_recovers_true_pairs(chunk, k):
-    gen = torch.Generator().manual_seed(5)
-    base = torch.randn(30, 16, generator=gen)
-    perm = torch.randperm(30, generator=gen)
-    # Entities 0..29 are left, 30..59 right; right entity 30 + perm[i] is a noisy copy of left i.
-    emb = torch.empty(60, 16)
-    emb[:30] = base
-    emb[30 + perm] = base + 0.05 * torch.randn(30, 16, generator=gen)
-    left_ids = torch.arange(30).flip(0)  # any order of candidates
-    right_ids = 30 + torch.arange(30)
-    pairs = mutual_nearest_pairs(emb, left_ids, right_ids, k=k, chunk=chunk)
-    got = {tuple(p) for p in pairs.tolist()}
-    assert got == {(i, 30 + int(perm[i])) for i in range(30)}
-
-
-def test_mutual_nearest_pairs_drops_non_mutual():
-    # Left a and b both prefer right x; x prefers a, so only (a, x) is mutual.
-    emb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [1.0, 0.05], [-1.0, 0.2]])
-    pairs = mutual_nearest_pairs(emb, torch.tensor([0, 1]), torch.tensor([2, 3]), k=0, chunk=1)
-    assert pairs.tolist() == [[0, 2]]
-    empty = mutual_nearest_pairs(emb, torch.tensor([], dtype=torch.long), torch.tensor([2]), k=0, chunk=1)
-    assert empty.shape == (0, 2)
 
 
 def test_bad_arguments():
@@ -227,14 +173,14 @@ def test_eval_layer_stays_process_free():
 @pytest.mark.parametrize("ties", ["optimistic", "realistic"])
 def test_kept_cosines_decide_or_recompute_exactly(monkeypatch, keep, ties):
     """Pass 1 keeps `keep` best cosines per row / column; undecided queries are recomputed: any keep is exact."""
-    import snag_dist.eval.ranking as ranking
+    import snag_dist.eval.csls as csls
 
-    monkeypatch.setattr(ranking, "_KEEP", keep)
+    monkeypatch.setattr(csls, "_KEEP", keep)
     emb, links = _links_case(seed=3, num_links=60, dim=4)
     emb = (emb * 2).round() / 2  # coarse values: exact ties between candidates
-    monkeypatch.setattr(ranking, "_KEEP", 1000)
+    monkeypatch.setattr(csls, "_KEEP", 1000)
     want = alignment_ranks(emb, links, k=3, chunk=7, ties=ties)
-    monkeypatch.setattr(ranking, "_KEEP", keep)
+    monkeypatch.setattr(csls, "_KEEP", keep)
     got = alignment_ranks(emb, links, k=3, chunk=7, ties=ties)
     assert torch.equal(got.l2r, want.l2r) and torch.equal(got.r2l, want.r2l)
     assert want.l2r.max() > 5 and (want.l2r != want.l2r.round()).any() == (ties == "realistic")
@@ -245,15 +191,15 @@ def test_grouped_top_lists_and_prefix_recount_are_exact(monkeypatch, ties):
     """Row top lists from the best column groups, column top lists screened by group maxima of
     rows (a chunk that is not a whole number of groups) and the penalty-prefix recount of the
     undecided queries: ranks equal the naive float64 CSLS and the keep-everything run."""
-    import snag_dist.eval.ranking as ranking
+    import snag_dist.eval.csls as csls
 
     emb, links = _links_case(seed=5, num_links=150, dim=3)
     gold = torch.arange(links.shape[0])
-    monkeypatch.setattr(ranking, "_KEEP", 1000)
+    monkeypatch.setattr(csls, "_KEEP", 1000)
     want = alignment_ranks(emb, links, k=3, chunk=23, ties=ties)
-    monkeypatch.setattr(ranking, "_KEEP", 4)
-    monkeypatch.setattr(ranking, "_GROUP", 3)
-    monkeypatch.setattr(ranking, "_ROW_GROUP", 2)  # 150 columns >= 8 x 2 x 4: the grouped row path
+    monkeypatch.setattr(csls, "_KEEP", 4)
+    monkeypatch.setattr(csls, "_GROUP", 3)
+    monkeypatch.setattr(csls, "_ROW_GROUP", 2)  # 150 columns >= 8 x 2 x 4: the grouped row path
     got = alignment_ranks(emb, links, k=3, chunk=23, ties=ties)
     assert torch.equal(got.l2r, want.l2r) and torch.equal(got.r2l, want.r2l)
     if ties == "optimistic":

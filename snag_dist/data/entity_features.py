@@ -1,9 +1,12 @@
-"""Per-entity modality columns for ``prepare``, produced one id range at a time.
+"""Per-entity input features for ``prepare``: every modality's column, produced one id range at a time.
 
 Columns come from feature files (dense), from the triples (``relation``: a bag of the top-k
 relation types an entity takes part in, as head or tail — the reference's relation feature) and
 from names (``name``: text embeddings). Running sums give each modality's per-dimension mean/std
 over the entities that have it (what GMNM's noise is drawn from).
+
+These are the fixed inputs written to the shards; the learned per-entity rows (the structure
+embedding) are the model's entity table (row-sharded on the stream path: `model/sharded_table.py`).
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from snag_dist.data.name_encoder import NameEncoder
 from snag_dist.data.readers.features import FeatureSource
 from snag_dist.data.readers.source import SourceDataset
 from snag_dist.data.records import cast_into
-from snag_dist.data.text import NameEncoder
 from snag_dist.errors import DataError
 
 TripleBlocks = Callable[[str], Iterator[np.ndarray]]  # split -> (B, 3) int64 blocks
@@ -108,8 +111,8 @@ class ModalityColumn:
     source: str
 
 
-class EntityTable:
-    """All modalities of a dataset, readable by id range."""
+class EntityFeatures:
+    """All modality features of a dataset's entities, readable by id range."""
 
     def __init__(self, ds: SourceDataset, relation_topk: int, text: str, dtype: str = "float16",
                  triples: TripleBlocks | None = None, mask_nonfinite: bool = False) -> None:
