@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import typing
 from importlib import resources
 from pathlib import Path
@@ -20,6 +18,7 @@ from pydantic import ValidationError
 
 from snag_dist.config.schema import Config
 from snag_dist.errors import ConfigError
+from snag_dist.fsio import atomic_open
 
 PRESET_PACKAGE = "snag_dist.config.presets"
 
@@ -185,7 +184,5 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Atomic write of the resolved config (a YAML that `snag-dist train --config` takes unchanged)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_open(path, "w") as fh:
         yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)
