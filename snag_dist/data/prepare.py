@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import math
-import os
 import re
 import shutil
 import sys
@@ -35,13 +34,13 @@ from snag_dist.data.manifest import (
     ModalityInfo,
     ShardInfo,
     sha256_file,
-    write_json_atomic,
 )
 from snag_dist.data.readers import SourceDataset, read_dataset
 from snag_dist.data.records import MEMBER, Column, Csr, EntityBlock, EntityLayout
-from snag_dist.data.tempdirs import check_output, describe_removed, make_dir, remove_stale, temp_path
+from snag_dist.data.tempdirs import check_output, describe_removed, make_dir
 from snag_dist.data.text import TEXT_ENCODERS
 from snag_dist.errors import ConfigError, DataError
+from snag_dist.fsio import atomic_dir, atomic_write_json, remove_stale
 
 _MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -282,25 +281,11 @@ def prepare(dataset_dir: str | Path, out_dir: str | Path, opts: PrepareOptions =
     stale = remove_stale(out, ("tmp",) + (("old",) if out.is_dir() else ()))
     if stale:
         _notice(describe_removed(stale))
-    tmp = temp_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_dir(tmp)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=ds.num_entities, unit="ent", desc="prepare", disable=not show_progress)
-    try:
-        manifest = _write_all(ds, tmp, opts, bar.update)
-        write_json_atomic(tmp / MANIFEST, manifest.to_json())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
-    if out.exists():
-        old = temp_path(out, "old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    # An existing OUT_DIR (--overwrite) is renamed aside to .OUT.old-HOST-PID, then deleted.
+    with atomic_dir(out, mkdir=make_dir) as tmp:
+        with tqdm(total=ds.num_entities, unit="ent", desc="prepare", disable=not show_progress) as bar:
+            manifest = _write_all(ds, tmp, opts, bar.update)
+        atomic_write_json(tmp / MANIFEST, manifest.to_json(), indent=1)
     return manifest

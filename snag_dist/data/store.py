@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
-import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +21,8 @@ import torch
 from snag_dist.data.integrity import CheckedShard, store_key
 from snag_dist.data.manifest import Manifest, ShardInfo, load_manifest
 from snag_dist.data.records import MEMBER, Csr, EntityBlock, EntityLayout, alloc_many, cast_into
-from snag_dist.data.tempdirs import remove_stale, temp_path
 from snag_dist.errors import DataError
+from snag_dist.fsio import atomic_dir, remove_stale
 
 STORE_VERSION = 1
 
@@ -135,20 +133,14 @@ def cached_build(folder: Path, meta_name: str, stamp: str, build: Callable[[Path
     if meta.is_file() and json.loads(meta.read_text()).get("manifest_sha256") == stamp:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(folder)
-    tmp = temp_path(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    remove_stale(folder, ("tmp", "old"))
     try:
-        extra = build(tmp) or {}
-        (tmp / meta_name).write_text(json.dumps({**extra, "manifest_sha256": stamp}))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        with atomic_dir(folder) as tmp:  # an outdated folder is renamed aside, then deleted
+            extra = build(tmp) or {}
+            (tmp / meta_name).write_text(json.dumps({**extra, "manifest_sha256": stamp}))
     except OSError:
         if not meta.is_file():  # no other rank finished it either
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

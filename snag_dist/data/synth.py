@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,8 +25,9 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 
-from snag_dist.data.tempdirs import check_output, describe_removed, make_dir, remove_stale, temp_path
+from snag_dist.data.tempdirs import check_output, describe_removed, make_dir
 from snag_dist.errors import ConfigError
+from snag_dist.fsio import atomic_dir, remove_stale
 
 TRIPLE_CHUNK = 1 << 19  # triples generated (and de-duplicated) per chunk
 ROW_CHUNK = 1 << 17  # entity rows per chunk for id files and latents
@@ -471,15 +471,6 @@ def synth(out_dir: str | Path, opts: SynthOptions, progress: bool = False) -> di
     stale = remove_stale(out)
     if stale:
         print(f"snag-dist synth: {describe_removed(stale)}", file=sys.stderr)
-    tmp = temp_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_dir(tmp)
-    try:
+    with atomic_dir(out, replace_existing=False, mkdir=make_dir) as tmp:  # out: absent or empty (checked)
         counts = _generate(tmp, opts, _reporter(progress))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts
