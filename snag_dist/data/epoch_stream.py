@@ -22,7 +22,6 @@ Nothing here talks to other processes: rank and world size are passed in.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -36,7 +35,7 @@ from snag_dist.data.integrity import shard_infos
 from snag_dist.data.manifest import load_manifest
 from snag_dist.data.stream import _one_line_errors, _tar_samples, decode_rows, row_limits
 from snag_dist.errors import ConfigError, DataError
-from snag_dist.seeding import stable_seed
+from snag_dist.seeding import numpy_rng, python_rng, stable_seed
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ class EpochRows:
         """Shard indices of each split, in read order."""
         order = list(range(len(self.urls)))
         if self.shuffle_buffer > 0:
-            random.Random(stable_seed("shards", self.seed, epoch)).shuffle(order)
+            python_rng(stable_seed("shards", self.seed, epoch)).shuffle(order)
         load, out = [0] * self.splits, [[] for _ in range(self.splits)]
         for i in order:
             v = min(range(self.splits), key=lambda s: (load[s], s))
@@ -114,8 +113,8 @@ class EpochRows:
         stages = [wds.SimpleShardList([self.urls[i] for i in shards]), partial(_tar_samples, infos=self.infos)]
         seed = stable_seed("rows", self.seed, epoch, split)
         if self.shuffle_buffer > 0:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed)))
-        rng = np.random.default_rng(seed)
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=python_rng(seed)))
+        rng = numpy_rng(seed)
         for sample in wds.DataPipeline(*stages):
             block = decode_rows(sample, self.member, self.limits)
             yield block[rng.permutation(len(block))] if self.shuffle_buffer > 0 else block

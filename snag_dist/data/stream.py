@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import math
-import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -29,6 +28,7 @@ from snag_dist.data.integrity import CheckedShard, shard_infos
 from snag_dist.data.manifest import Manifest, ShardInfo, load_manifest
 from snag_dist.data.records import MEMBER, EntityBlock, EntityLayout, alloc_many, cast_into
 from snag_dist.errors import DataError, SnagError
+from snag_dist.seeding import numpy_rng, python_rng, tuple_seed
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def _seeded_shuffle(src: Iterator, bufsize: int, seed: tuple[int, ...]) -> Itera
     if bufsize <= 0:
         yield from src
         return
-    rng = random.Random(hash((*seed, _worker_id())) & 0xFFFFFFFF)
+    rng = python_rng(tuple_seed(*seed, _worker_id(), bits=32))
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
 
 
@@ -163,13 +163,13 @@ class _EpochStream(IterableDataset):
 
     def _rng(self) -> np.random.Generator:
         """Row-level shuffling: seeded by (seed, epoch, rank, worker)."""
-        return np.random.default_rng((self.cfg.seed, self.epoch, self.cfg.rank, _worker_id()))
+        return numpy_rng(self.cfg.seed, self.epoch, self.cfg.rank, _worker_id())
 
     def _samples(self, bufsize: int) -> Iterator[dict]:
         """This rank's and worker's samples; ``bufsize`` samples in the (seeded) shuffle buffer."""
         urls = list(self.urls)
         if self.cfg.shuffle_buffer > 0:  # same shard order on every rank, new each epoch
-            random.Random(hash((self.cfg.seed, self.epoch)) & 0xFFFFFFFF).shuffle(urls)
+            python_rng(tuple_seed(self.cfg.seed, self.epoch, bits=32)).shuffle(urls)
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
             partial(split_by_rank, rank=self.cfg.rank, world_size=self.cfg.world_size),

@@ -28,6 +28,7 @@ import numpy as np
 from snag_dist.data.tempdirs import check_output, describe_removed, make_dir
 from snag_dist.errors import ConfigError
 from snag_dist.fsio import atomic_dir, remove_stale
+from snag_dist.seeding import numpy_rng
 
 TRIPLE_CHUNK = 1 << 19  # triples generated (and de-duplicated) per chunk
 ROW_CHUNK = 1 << 17  # entity rows per chunk for id files and latents
@@ -132,10 +133,6 @@ def parse_modalities(spec: str) -> tuple[ModalityOption, ...]:
     return tuple(out)
 
 
-def _rng(seed: int, *tags: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *tags])))
-
-
 def _power_ranks(rng: np.random.Generator, n, size: int, exponent: float) -> np.ndarray:
     """Ranks in [0, n) with P(rank k) ~ (k + 1) ** -exponent (inverse CDF of a truncated power law)."""
     u = rng.random(size)
@@ -214,12 +211,12 @@ def _edges(rng: np.random.Generator, g: _Graph, anchor_rank: np.ndarray, anchor_
 def _triples(g: _Graph, total: int, cover: np.ndarray, seed: int, tag: int) -> Iterator[np.ndarray]:
     """``total`` edges: first one per ``cover`` entity (so none is isolated), then power-law anchors."""
     for k, start in enumerate(range(0, len(cover), TRIPLE_CHUNK)):
-        rng = _rng(seed, tag, _COVER, k)
+        rng = numpy_rng(seed, tag, _COVER, k)
         ents = cover[start : start + TRIPLE_CHUNK]
         yield _edges(rng, g, g.ent_to_rank[ents], rng.random(len(ents)) < 0.5)
     rest = max(0, total - len(cover))
     for k, start in enumerate(range(0, rest, TRIPLE_CHUNK)):
-        rng = _rng(seed, tag, _POWER, k)
+        rng = numpy_rng(seed, tag, _POWER, k)
         m = min(TRIPLE_CHUNK, rest - start)
         yield _edges(rng, g, _power_ranks(rng, g.n, m, ENTITY_EXPONENT), rng.random(m) < 0.5)
 
@@ -299,15 +296,15 @@ class _Segment:
 
 def _write_mkgc(tmp: Path, opts: SynthOptions, say: Callable[[str], None]) -> tuple[dict, list[_Segment]]:
     n, nrel = opts.entities, opts.relations
-    g = _build_graph(_rng(opts.seed, _GRAPH), n, nrel)
+    g = _build_graph(numpy_rng(opts.seed, _GRAPH), n, nrel)
     _write_id_files(tmp, n, nrel)
-    cover = _rng(opts.seed, _COVER).permutation(n)[: min(n, opts.triples // 2)]
+    cover = numpy_rng(opts.seed, _COVER).permutation(n)[: min(n, opts.triples // 2)]
     bounds = np.cumsum([1.0 - opts.valid_ratio - opts.test_ratio, opts.valid_ratio])
     seen_ent, seen_rel = np.zeros(n, dtype=bool), np.zeros(nrel, dtype=bool)
     train_keys, held, n_train = [], [], 0
     with open(tmp / "train.txt", "wb") as fh:
         for k, tri in enumerate(_triples(g, opts.triples, cover, opts.seed, _GRAPH)):
-            split = np.searchsorted(bounds, _rng(opts.seed, _SPLIT, k).random(len(tri)), side="right")
+            split = np.searchsorted(bounds, numpy_rng(opts.seed, _SPLIT, k).random(len(tri)), side="right")
             train = tri[split == 0]
             _write_triples(fh, train)
             seen_ent[train[:, 0]] = seen_ent[train[:, 2]] = seen_rel[train[:, 1]] = True
@@ -337,7 +334,7 @@ def _write_links(tmp: Path, opts: SynthOptions) -> np.ndarray:
     """Gold 1:1 links between random KG1 and KG2 entities -> (KG2 local,) partner KG1 id or -1."""
     n1, n2 = opts.entities // 2, opts.entities - opts.entities // 2
     n_links = max(1, round(opts.link_ratio * n1))
-    rng = _rng(opts.seed, _ALIGN)
+    rng = numpy_rng(opts.seed, _ALIGN)
     kg1, kg2 = rng.permutation(n1)[:n_links], rng.permutation(n2)[:n_links]
     order = np.argsort(kg1)
     kg1, kg2 = kg1[order], kg2[order]
@@ -356,16 +353,16 @@ def _write_mmea(tmp: Path, opts: SynthOptions, say: Callable[[str], None]) -> tu
     partner = _write_links(tmp, opts)
     to_kg2 = np.full(n1, -1, dtype=np.int64)
     to_kg2[partner[partner >= 0]] = np.flatnonzero(partner >= 0)
-    g1, g2 = _build_graph(_rng(seed, _GRAPH), n1, nrel), _build_graph(_rng(seed, _GRAPH2), n2, nrel)
+    g1, g2 = _build_graph(numpy_rng(seed, _GRAPH), n1, nrel), _build_graph(numpy_rng(seed, _GRAPH2), n2, nrel)
     t1 = opts.triples // 2
     touched = np.zeros(n2, dtype=bool)  # KG2 entities that got a mapped edge
     counts = {"triples_1": 0, "triples_2": 0}
     with open(tmp / "triples_1", "wb") as f1, open(tmp / "triples_2", "wb") as f2:
-        cover1 = _rng(seed, _COVER).permutation(n1)[: min(n1, t1 // 2)]
+        cover1 = numpy_rng(seed, _COVER).permutation(n1)[: min(n1, t1 // 2)]
         for k, tri in enumerate(_triples(g1, t1, cover1, seed, _GRAPH)):
             _write_triples(f1, tri)
             head, tail = to_kg2[tri[:, 0]], to_kg2[tri[:, 2]]
-            keep = (head >= 0) & (tail >= 0) & (_rng(seed, _KEEP, k).random(len(tri)) < KG2_KEEP)
+            keep = (head >= 0) & (tail >= 0) & (numpy_rng(seed, _KEEP, k).random(len(tri)) < KG2_KEEP)
             touched[head[keep]] = touched[tail[keep]] = True
             _write_triples(f2, np.stack([head[keep] + n1, tri[keep, 1] + nrel, tail[keep] + n1], axis=1))
             counts["triples_1"] += len(tri)
@@ -383,7 +380,7 @@ def _write_mmea(tmp: Path, opts: SynthOptions, say: Callable[[str], None]) -> tu
 
 def _write_latent(path: Path, seed: int, segments: list[_Segment]) -> None:
     """(N, LATENT_DIM) float32 rows, raw: cluster centroid + individual part, or a partner's + noise."""
-    centroids = _rng(seed, _LATENT).standard_normal((MAX_CLUSTERS, LATENT_DIM), dtype=np.float32)
+    centroids = numpy_rng(seed, _LATENT).standard_normal((MAX_CLUSTERS, LATENT_DIM), dtype=np.float32)
     with open(path, "wb") as fh:
         for s, seg in enumerate(segments):
             fh.flush()
@@ -391,7 +388,7 @@ def _write_latent(path: Path, seed: int, segments: list[_Segment]) -> None:
             if seg.offset:
                 earlier = np.memmap(path, dtype=np.float32, mode="r", shape=(seg.offset, LATENT_DIM))
             for k, start in enumerate(range(0, seg.graph.n, ROW_CHUNK)):
-                rng = _rng(seed, _LATENT, s, k)
+                rng = numpy_rng(seed, _LATENT, s, k)
                 ids = np.arange(start, min(seg.graph.n, start + ROW_CHUNK))
                 noise = rng.standard_normal((len(ids), LATENT_DIM), dtype=np.float32)
                 z = centroids[seg.graph.cluster(ids)] + INDIVIDUAL_SCALE * noise
@@ -421,7 +418,7 @@ def _write_features(folder: Path, opts: SynthOptions, latent: Path, say: Callabl
         # Noise is uniform random bytes (4x cheaper than normals, which dominated the run time):
         # features are computed in units of the bytes' std, then rescaled.
         scale = np.float32(_BYTE_STD / FEATURE_NOISE)
-        proj = _rng(opts.seed, _PROJ, i).standard_normal((LATENT_DIM, mod.dim), dtype=np.float32)
+        proj = numpy_rng(opts.seed, _PROJ, i).standard_normal((LATENT_DIM, mod.dim), dtype=np.float32)
         proj *= scale / np.sqrt(LATENT_DIM)
         rows, present[mod.name] = max(1, FEATURE_CHUNK_ELEMS // mod.dim), 0
         feat_path, has_path = folder / f"{mod.name}.npy", folder / f"{mod.name}.present.npy"
@@ -431,7 +428,7 @@ def _write_features(folder: Path, opts: SynthOptions, latent: Path, say: Callabl
             for k, start in enumerate(range(0, n, rows)):
                 m = min(rows, n - start)
                 z = np.fromfile(latent, dtype=np.float32, count=m * LATENT_DIM, offset=start * LATENT_DIM * 4)
-                rng = _rng(opts.seed, _FEAT, i, k)
+                rng = numpy_rng(opts.seed, _FEAT, i, k)
                 x_mD = z.reshape(m, LATENT_DIM) @ proj  # m rows, D = mod.dim
                 noise = np.frombuffer(rng.bytes(m * mod.dim), dtype=np.int8).reshape(m, mod.dim)
                 np.add(x_mD, noise, out=x_mD, casting="unsafe")
