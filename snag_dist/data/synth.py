@@ -25,6 +25,7 @@ from typing import BinaryIO, Literal
 
 import numpy as np
 
+from snag_dist.data.npy_writer import NpyWriter
 from snag_dist.data.tempdirs import check_output, describe_removed, make_dir
 from snag_dist.errors import ConfigError
 from snag_dist.fsio import atomic_dir, remove_stale
@@ -400,18 +401,10 @@ def _write_latent(path: Path, seed: int, segments: list[_Segment]) -> None:
             del earlier
 
 
-def _npy_header(fh: BinaryIO, shape: tuple[int, ...], dtype) -> None:
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-    np.lib.format.write_array_header_1_0(fh, header)
-
-
 def _write_features(folder: Path, opts: SynthOptions, latent: Path, say: Callable[[str], None],
                     ) -> dict[str, int]:
-    """features/<m>.npy and <m>.present.npy, streamed.
-
-    Written through a file handle, not ``open_memmap``: every page a process writes through a
-    mapping stays in its RSS, so a 1M x 384 table would alone cost ~750 MiB.
-    """
+    """features/<m>.npy and <m>.present.npy, streamed (``NpyWriter``: a memory map would keep every
+    page written in this process's RSS, ~750 MiB for a 1M x 384 table alone)."""
     folder.mkdir()
     n, present = opts.entities, {}
     for i, mod in enumerate(opts.modalities):
@@ -422,9 +415,7 @@ def _write_features(folder: Path, opts: SynthOptions, latent: Path, say: Callabl
         proj *= scale / np.sqrt(LATENT_DIM)
         rows, present[mod.name] = max(1, FEATURE_CHUNK_ELEMS // mod.dim), 0
         feat_path, has_path = folder / f"{mod.name}.npy", folder / f"{mod.name}.present.npy"
-        with open(feat_path, "wb") as feat, open(has_path, "wb") as has_fh:
-            _npy_header(feat, (n, mod.dim), opts.dtype)
-            _npy_header(has_fh, (n,), np.uint8)
+        with NpyWriter(feat_path, opts.dtype, (n, mod.dim)) as feat, NpyWriter(has_path, np.uint8, (n,)) as has_fh:
             for k, start in enumerate(range(0, n, rows)):
                 m = min(rows, n - start)
                 z = np.fromfile(latent, dtype=np.float32, count=m * LATENT_DIM, offset=start * LATENT_DIM * 4)
@@ -435,8 +426,8 @@ def _write_features(folder: Path, opts: SynthOptions, latent: Path, say: Callabl
                 x_mD /= scale
                 has = rng.random(m) < mod.coverage
                 x_mD[~has] = 0.0
-                feat.write(x_mD.astype(opts.dtype).tobytes())
-                has_fh.write(has.astype(np.uint8).tobytes())
+                feat.append(x_mD)
+                has_fh.append(has)
                 present[mod.name] += int(has.sum())
         say(f"features/{mod.name}.npy: {n} x {mod.dim}, {present[mod.name]} present")
     return present
