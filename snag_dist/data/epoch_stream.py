@@ -31,6 +31,7 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from snag_dist.data.batching import concat_rows, cut_batches
 from snag_dist.data.integrity import shard_infos
 from snag_dist.data.manifest import load_manifest
 from snag_dist.data.stream import _one_line_errors, _tar_samples, decode_rows, row_limits
@@ -124,20 +125,10 @@ class EpochRows:
         steps = self.steps(epoch)
         blocks = self._blocks(epoch, split, self.assignment(epoch)[split])
         cols = 2 if self.member == "pairs.npy" else 3
-        pieces, held, step = [], 0, 0
-        for block in blocks:
-            pos = 0
-            while pos < len(block):
-                take = min(self.part - held, len(block) - pos)
-                pieces.append(block[pos:pos + take])
-                held, pos = held + take, pos + take
-                if held == self.part:
-                    if step >= start:
-                        yield np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
-                    pieces, held, step = [], 0, step + 1
-        if pieces:
-            if step >= start:
-                yield np.concatenate(pieces)
+        step = 0
+        for pieces in cut_batches(blocks, self.part):
+            if step >= start:  # skipped parts are decoded, never copied
+                yield concat_rows(pieces)
             step += 1
         for k in range(step, steps):
             if k >= start:

@@ -26,6 +26,7 @@ import webdataset as wds
 from safetensors.numpy import save_file
 
 from snag_dist import __version__
+from snag_dist.data.batching import concat_rows, cut_batches
 from snag_dist.data.entity_table import EntityTable
 from snag_dist.data.manifest import (
     MANIFEST,
@@ -169,19 +170,8 @@ def _reblock(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
     Each output is its own copy: a view would pin the whole (up to 1M-row) input block, and a shard
     holds ~100 outputs before it is written.
     """
-    pending: list[np.ndarray] = []
-    held = 0
-    for block in blocks:
-        pos = 0
-        while pos < len(block):
-            take = min(size - held, len(block) - pos)
-            pending.append(block[pos:pos + take])
-            held, pos = held + take, pos + take
-            if held == size:
-                yield np.concatenate(pending)
-                pending, held = [], 0
-    if held:
-        yield np.concatenate(pending)
+    for pieces in cut_batches(blocks, size):
+        yield concat_rows(pieces)
 
 
 def _write_rows(out: Path, group: str, blocks: Iterator[np.ndarray], total: int, member: str,

@@ -24,6 +24,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
+from snag_dist.data.batching import concat_rows, cut_batches
 from snag_dist.data.integrity import CheckedShard, shard_infos
 from snag_dist.data.manifest import Manifest, ShardInfo, load_manifest
 from snag_dist.data.records import MEMBER, EntityBlock, EntityLayout, alloc_many, cast_into
@@ -247,17 +248,7 @@ class EntityStream(_EpochStream):
                 "mask": torch.from_numpy(part.mask), "features": feats}
 
     def compact_batches(self) -> Iterator[EntityBlock]:
-        size, pieces, held = self.cfg.batch_size, [], 0
-        for block in self._windows():
-            pos = 0
-            while pos < len(block):
-                take = min(size - held, len(block) - pos)
-                pieces.append((block, pos, pos + take))
-                held, pos = held + take, pos + take
-                if held == size:
-                    yield self.compact(pieces)
-                    pieces, held = [], 0
-        if pieces and not self.cfg.drop_last:
+        for pieces in cut_batches(self._windows(), self.cfg.batch_size, self.cfg.drop_last):
             yield self.compact(pieces)
 
     def __iter__(self) -> Iterator[dict]:
@@ -320,18 +311,8 @@ class RowStream(_EpochStream):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Blocks re-cut into batches; each row is copied once (no re-concatenation of leftovers)."""
-        size, pieces, held = self.cfg.batch_size, [], 0
-        for block in self._blocks():
-            pos = 0
-            while pos < len(block):
-                take = min(size - held, len(block) - pos)
-                pieces.append(block[pos:pos + take])
-                held, pos = held + take, pos + take
-                if held == size:
-                    yield torch.from_numpy(np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy())
-                    pieces, held = [], 0
-        if pieces and not self.cfg.drop_last:
-            yield torch.from_numpy(np.concatenate(pieces))
+        for pieces in cut_batches(self._blocks(), self.cfg.batch_size, self.cfg.drop_last):
+            yield torch.from_numpy(concat_rows(pieces))
 
 
 class WorkerLoader:
