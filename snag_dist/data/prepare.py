@@ -37,7 +37,7 @@ from snag_dist.data.manifest import (
     sha256_file,
 )
 from snag_dist.data.readers import SourceDataset, read_dataset
-from snag_dist.data.records import MEMBER, Column, Csr, EntityBlock, EntityLayout
+from snag_dist.data.records import MEMBER, Column, EntityBlock, EntityLayout
 from snag_dist.data.tempdirs import check_output, describe_removed, make_dir
 from snag_dist.data.text import TEXT_ENCODERS
 from snag_dist.errors import ConfigError, DataError
@@ -119,7 +119,7 @@ def _entity_samples(table: EntityTable, layout: EntityLayout, start: int, stop: 
     """Samples of ``block`` consecutive entities each, cut from one columnar chunk."""
     cols, mask = table.chunk(start, stop)
     dense = {c.name: cols[c.name] for c in table.columns if c.kind == "dense"}
-    bags = {c.name: Csr(*cols[c.name]) for c in table.columns if c.kind == "bag"}
+    bags = {c.name: cols[c.name] for c in table.columns if c.kind == "bag"}
     chunk = EntityBlock(np.arange(start, stop), table.ds.kg[start:stop], mask, dense, bags)
     for a in range(0, stop - start, block):
         part = chunk.slice(a, min(a + block, stop - start))
