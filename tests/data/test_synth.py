@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import snag_dist.data.synth as synth_mod
+import snag_dist.data.synth.dataset as synth_dataset
 from snag_dist.data.synth import ModalityOption, SynthOptions, parse_modalities, synth
+from snag_dist.data.synth.graph import first_unique, row_keys
+from snag_dist.data.synth.layouts import KG2_KEEP
+from snag_dist.data.synth.text_writer import format_rows
 from snag_dist.errors import ConfigError, DataError
 
 N, T, R = 3000, 30000, 50
@@ -139,7 +142,7 @@ def test_mmea_structure_carries_alignment(mmea):
     both = (to2[t1[:, 0]] >= 0) & (to2[t1[:, 2]] >= 0)
     mapped = {(to2[h], r + R, to2[t]) for h, r, t in t1[both].tolist()}
     kept = len(mapped & set(map(tuple, t2.tolist()))) / len(mapped)
-    assert abs(kept - synth_mod.KG2_KEEP) < 0.05
+    assert abs(kept - KG2_KEEP) < 0.05
 
 
 @pytest.mark.parametrize("which", ["mkgc", "mmea"])
@@ -195,7 +198,7 @@ def test_failure_leaves_no_output(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(synth_mod, "_write_features", boom)
+    monkeypatch.setattr(synth_dataset, "write_features", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         synth(tmp_path / "out", SynthOptions(100, 500))
     assert list(tmp_path.iterdir()) == []  # neither out nor its temp sibling
@@ -205,15 +208,15 @@ def test_format_rows_matches_python():
     rng = np.random.default_rng(0)
     a = np.concatenate([[0, 9, 10, 99, 100], rng.integers(0, 10**12, 200)])
     b = rng.integers(0, 7, len(a))
-    got = synth_mod._format_rows([b"e", a, b"\t", b, b" x"])
+    got = format_rows([b"e", a, b"\t", b, b" x"])
     assert got == "".join(f"e{x}\t{y} x\n" for x, y in zip(a.tolist(), b.tolist())).encode()
-    assert synth_mod._format_rows([np.zeros(0, dtype=np.int64)]) == b""
+    assert format_rows([np.zeros(0, dtype=np.int64)]) == b""
 
 
 def test_row_keys_fallback_for_huge_graphs():
     tri = np.array([[5, 1, 2], [5, 1, 2], [2, 1, 5], [5, 0, 2]])
     for n in (10, 2**40):  # int64 keys, then row bytes
-        assert synth_mod._first_unique(synth_mod._row_keys(tri, n, 3)).tolist() == [0, 2, 3]
+        assert first_unique(row_keys(tri, n, 3)).tolist() == [0, 2, 3]
 
 
 # sha256 (first 16 hex digits) of every integer/text output of two small graphs (seed 5), and the
