@@ -18,6 +18,7 @@ import torch
 from snag_dist.config import load_config
 from snag_dist.engine.memory import keep_freed_memory
 from snag_dist.engine.optim import build_optimizer
+from snag_dist.seeding import seed_torch
 from snag_dist.tasks.alignment import AlignmentTask
 
 
@@ -26,7 +27,7 @@ def main() -> None:
     cfg = load_config("dbp15k_fr_en", ["data.shards=shards/dbp15k_fr_en", f"model.modalities={mods}"])
     if cfg.engine.keep_freed_memory:  # as `snag-dist train` does
         keep_freed_memory()
-    torch.manual_seed(0)
+    seed_torch(0)
     task = AlignmentTask(cfg)
     opt = build_optimizer(task.module, cfg.train.lr, cfg.train.weight_decay)
     times, cpu_times = [], []

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from snag_dist.eval.csls import alignment_ranks
 from snag_dist.eval.metrics import AlignmentRanks
+from snag_dist.seeding import torch_generator
 
 
 def dense_reference(emb: torch.Tensor, links: torch.Tensor, k: int) -> AlignmentRanks:
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch_generator(0)
     emb = torch.randn(2 * args.links, args.dim, generator=gen)
     links = torch.stack([torch.arange(args.links), args.links + torch.arange(args.links)], dim=1)
     n, mib = args.links, 4 / 2**20

@@ -40,11 +40,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from snag_dist.data.manifest import load_manifest
 from snag_dist.data.store import FeatureStore
 from snag_dist.data.stream import EntityStream, RowStream, StreamConfig, make_loader
+from snag_dist.seeding import numpy_rng
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MB = 1e6
@@ -138,7 +137,7 @@ def time_store(root: Path, store_dir: Path) -> float:
 
 
 def lookups(store: FeatureStore, batch: int, batches: int, seed: int) -> None:
-    for row in np.random.default_rng(seed).integers(store.start, store.stop, size=(batches, batch)):
+    for row in numpy_rng(seed).integers(store.start, store.stop, size=(batches, batch)):
         store.lookup(row)
 
 

@@ -30,13 +30,14 @@ from snag_dist.eval.csls import alignment_ranks
 from snag_dist.eval.metrics import RankMetrics
 from snag_dist.eval.neighbours import csls_topk
 from snag_dist.eval.topk import IndexSpec, csls_candidates, topk_alignment_ranks
+from snag_dist.seeding import torch_generator
 
 
 def data(n: int, dim: int, sigma: float, spread: float = 0.5, latent: int = 48, seed: int = 0,
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Links in a `latent`-dimensional space lifted to `dim` (trained embeddings are far from isotropic):
     x = (c_z + spread g) P, y = x + sigma h P, 1,000 centres c, Gaussian g and h, a random P."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch_generator(seed)
     centres = torch.randn(1000, latent, generator=gen)
     lift = torch.randn(latent, dim, generator=gen) / latent**0.5
     z = centres[torch.randint(0, 1000, (n,), generator=gen)] + spread * torch.randn(n, latent, generator=gen)

@@ -35,7 +35,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from snag_dist.data.synth import SynthOptions, parse_modalities, synth
 
-    task = {"alignment": "mmea", "completion": "mkgc"}[args.task]  # the layouts' names in data/synth.py
+    task = {"alignment": "mmea", "completion": "mkgc"}[args.task]  # the layouts' names in data/synth/layouts.py
     extra = {"modalities": parse_modalities(args.modalities)} if args.modalities else {}
     opts = SynthOptions(entities=args.entities, triples=args.triples, task=task, relations=args.relations,
                         seed=args.seed, **extra)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from snag_dist.config import load_config, to_dict
 from snag_dist.engine.checkpoint import load_checkpoint, load_rank_files
 from snag_dist.engine.run import find_checkpoint, load_model_state
 from snag_dist.errors import CheckpointError, DataError
+from snag_dist.fsio import atomic_dir
 from snag_dist.tasks.registry import TASKS
 
 
@@ -64,10 +63,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best
     if rotate is not None:  # completion: the RotatE vectors of the fused entities and the relation phases
         tensors["rotate.entity"] = task.module.entity_table(cfg.eval.chunk_size).cpu()
         tensors["rotate.relation_phase"] = (rotate.relation.detach() * (math.pi / rotate.range)).float().cpu()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out, replace_existing=False) as tmp:  # out: absent or empty (checked above)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "embeddings.safetensors"))
         meta = {"modalities": task.module.model.modalities, "shapes": {k: list(v.shape) for k, v in tensors.items()},
                 "run": str(run_dir.resolve()), "checkpoint": checkpoint, "config": to_dict(cfg)}
@@ -77,9 +73,4 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best
             meta["rotate"] = {"margin": rotate.margin, "dim": rotate.dim, "distance": rotate.norm,
                               "score": f"{score}, entity = [re, im]"}
         (tmp / "embeddings.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out

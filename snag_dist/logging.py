@@ -7,6 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from snag_dist.fsio import atomic_write_text
+
+LOGS = ("metrics.jsonl", "train.jsonl")  # what MetricsLogger appends to
+
 
 class MetricsLogger:
     """``metrics.jsonl`` (one object per evaluation), ``train.jsonl`` (one per epoch), ``tb/``."""
@@ -18,7 +22,7 @@ class MetricsLogger:
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:
-                for name in ("metrics.jsonl", "train.jsonl"):
+                for name in LOGS:
                     (run_dir / name).unlink(missing_ok=True)
             from torch.utils.tensorboard import SummaryWriter
 
@@ -39,12 +43,8 @@ class MetricsLogger:
         """Resuming before ``epoch``: drop records a killed run wrote after its last checkpoint."""
         if not self.enabled:
             return
-        for name in ("metrics.jsonl", "train.jsonl"):
-            path = self.run_dir / name
-            kept = [r for r in read_jsonl(path) if int(r.get("epoch", 0)) < epoch]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            tmp.replace(path)
+        for name in LOGS:
+            trim_jsonl(self.run_dir / name, epoch)
 
     def train(self, record: dict[str, Any]) -> None:
         self._write("train.jsonl", record, "train")
@@ -61,3 +61,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trim_jsonl(path: Path, epochs: int) -> int:
+    """Resuming before epoch ``epochs``: keep exactly the records of ``path`` whose ``epoch`` (0 when
+    absent) is below it, as they were written, and drop blank lines; the file is rewritten atomically.
+    A missing file stays missing. Returns the records kept."""
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if int(json.loads(line).get("epoch", 0)) < epochs]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return len(kept)

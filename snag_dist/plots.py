@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from snag_dist.fsio import atomic_path
 from snag_dist.logging import read_jsonl
 
 
@@ -69,12 +70,10 @@ def save_figure(fig, path: Path) -> Path:
     """Lay out, write (PNG, 110 dpi, temp file + rename) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110, format="png")
-        tmp.replace(path)  # a reader never sees a half-written PNG
+        with atomic_path(path) as tmp:  # a reader never sees a half-written PNG
+            fig.savefig(tmp, dpi=110, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

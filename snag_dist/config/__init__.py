@@ -1,6 +1,6 @@
 """Typed config tree, YAML presets and dotted overrides."""
 
-from snag_dist.config.load import load_config, preset_names, replace, save_config, to_dict
+from snag_dist.config.load import load_config, nest_dotted, preset_names, replace, save_config, to_dict
 from snag_dist.config.schema import (
     AlignmentConfig,
     CompletionConfig,
@@ -18,5 +18,5 @@ from snag_dist.config.schema import (
 __all__ = [
     "AlignmentConfig", "CompletionConfig", "Config", "DataConfig", "EngineConfig", "EvalConfig",
     "ModelConfig", "NoiseConfig", "TaskConfig", "TrainConfig", "TuneConfig",
-    "load_config", "preset_names", "replace", "save_config", "to_dict",
+    "load_config", "nest_dotted", "preset_names", "replace", "save_config", "to_dict",
 ]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import tempfile
 import typing
 from importlib import resources
 from pathlib import Path
@@ -20,6 +18,7 @@ from pydantic import ValidationError
 
 from snag_dist.config.schema import Config
 from snag_dist.errors import ConfigError
+from snag_dist.fsio import atomic_open
 
 PRESET_PACKAGE = "snag_dist.config.presets"
 
@@ -63,6 +62,35 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class DottedKeyConflict(ConfigError):
+    """A dotted key runs through a part that already holds a value that is not a mapping."""
+
+    def __init__(self, key: str, part: str) -> None:
+        super().__init__(f"'{key}' conflicts with another value of '{part}'")
+        self.key, self.part = key, part
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for ``key`` 'a.b.c', creating the mappings on the way (a later key
+    overwrites an earlier one's value, and a mapping). ``DottedKeyConflict`` when a part on the way
+    already holds a non-mapping ('a=1' then 'a.b=2')."""
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DottedKeyConflict(key, part)
+    node[parts[-1]] = value
+
+
+def nest_dotted(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"noise.noise_ratio": 0.3}`` -> ``{"noise": {"noise_ratio": 0.3}}`` (``set_dotted`` in order)."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        set_dotted(tree, key, value)
+    return tree
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["train.lr=1e-4", "model.modalities=[structure,name]"]`` -> nested dict."""
     tree: dict[str, Any] = {}
@@ -74,13 +102,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
-        node[parts[-1]] = value
+        try:
+            set_dotted(tree, key.strip(), value)
+        except DottedKeyConflict as exc:
+            raise ConfigError(f"override '{item}' conflicts with another override of '{exc.part}'") from None
     return tree
 
 
@@ -185,7 +210,5 @@ def save_config(cfg: Config, path: str | Path) -> None:
     """Atomic write of the resolved config (a YAML that `snag-dist train --config` takes unchanged)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_open(path, "w") as fh:
         yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
-    os.replace(tmp, path)

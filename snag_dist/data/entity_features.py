@@ -19,7 +19,7 @@ import numpy as np
 from snag_dist.data.name_encoder import NameEncoder
 from snag_dist.data.readers.features import FeatureSource
 from snag_dist.data.readers.source import SourceDataset
-from snag_dist.data.records import cast_into
+from snag_dist.data.records import Csr, cast_into
 from snag_dist.errors import DataError
 
 TripleBlocks = Callable[[str], Iterator[np.ndarray]]  # split -> (B, 3) int64 blocks
@@ -27,17 +27,10 @@ TripleBlocks = Callable[[str], Iterator[np.ndarray]]  # split -> (B, 3) int64 bl
 
 @dataclass
 class Bag:
-    """CSR bag-of-ids per entity: row e has columns indices[indptr[e]:indptr[e+1]] with values."""
+    """A bag-of-ids modality of every entity: ``rows`` (entity e's row of the CSR) over ``dim`` columns."""
 
-    indptr: np.ndarray  # (N+1,) int64
-    indices: np.ndarray  # (nnz,) int32
-    values: np.ndarray  # (nnz,) float32
+    rows: Csr  # indptr (N+1,) int64, indices (nnz,) int32, values (nnz,) float32
     dim: int
-
-    def chunk(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Local CSR (indptr from 0, indices, values) of entities [start, stop)."""
-        a, b = self.indptr[start], self.indptr[stop]
-        return self.indptr[start:stop + 1] - a, self.indices[a:b], self.values[a:b]
 
 
 def relation_bag(ds: SourceDataset, topk: int, split: str = "train", triples: TripleBlocks | None = None) -> Bag:
@@ -64,7 +57,7 @@ def relation_bag(ds: SourceDataset, topk: int, split: str = "train", triples: Tr
     ents = uniq // k
     indptr = np.zeros(ds.num_entities + 1, dtype=np.int64)
     np.cumsum(np.bincount(ents, minlength=ds.num_entities), out=indptr[1:])
-    return Bag(indptr, (uniq % k).astype(np.int32), counts.astype(np.float32), dim=len(top))
+    return Bag(Csr(indptr, (uniq % k).astype(np.int32), counts.astype(np.float32)), dim=len(top))
 
 
 class Moments:
@@ -88,12 +81,12 @@ class Moments:
             # and the error (~1e-6 relative) is far below what a noise scale needs.
             self.ss += np.einsum("ij,ij->j", x32, x32)
 
-    def add_bag(self, indptr: np.ndarray, idx: np.ndarray, val: np.ndarray) -> None:
+    def add_bag(self, rows: Csr) -> None:
         dim = len(self.s)
-        self.n += int((np.diff(indptr) > 0).sum())
-        val64 = val.astype(np.float64)
-        self.s += np.bincount(idx, weights=val64, minlength=dim)
-        self.ss += np.bincount(idx, weights=val64 * val64, minlength=dim)
+        self.n += int((np.diff(rows.indptr) > 0).sum())
+        val64 = rows.values.astype(np.float64)
+        self.s += np.bincount(rows.indices, weights=val64, minlength=dim)
+        self.ss += np.bincount(rows.indices, weights=val64 * val64, minlength=dim)
 
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
         n = max(self.n, 1)
@@ -137,15 +130,15 @@ class EntityFeatures:
         self.moments = {c.name: Moments(c.dim) for c in self.columns}
 
     def chunk(self, start: int, stop: int) -> tuple[dict[str, object], np.ndarray]:
-        """(columns, mask) for entities [start, stop): dense -> (n, D) array, bag -> local CSR triple."""
+        """(columns, mask) for entities [start, stop): dense -> (n, D) array, bag -> its rows (``Csr``)."""
         n = stop - start
         mask = np.zeros((n, len(self.columns)), dtype=np.uint8)
         out: dict[str, object] = {}
         for j, col in enumerate(self.columns):
             if col.kind == "bag":
-                csr = self.bags[col.name].chunk(start, stop)
-                mask[:, j] = np.diff(csr[0]) > 0
-                self.moments[col.name].add_bag(*csr)
+                csr = self.bags[col.name].rows.slice(start, stop)
+                mask[:, j] = np.diff(csr.indptr) > 0
+                self.moments[col.name].add_bag(csr)
                 out[col.name] = csr
                 continue
             if col.name == "name" and self.encoder is not None:

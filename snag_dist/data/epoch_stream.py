@@ -22,7 +22,6 @@ Nothing here talks to other processes: rank and world size are passed in.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -32,11 +31,12 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from snag_dist.data.batching import concat_rows, cut_batches
 from snag_dist.data.integrity import shard_infos
 from snag_dist.data.manifest import load_manifest
 from snag_dist.data.stream import _one_line_errors, _tar_samples, decode_rows, row_limits
 from snag_dist.errors import ConfigError, DataError
-from snag_dist.seeding import stable_seed
+from snag_dist.seeding import numpy_rng, python_rng, stable_seed
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class EpochRows:
         """Shard indices of each split, in read order."""
         order = list(range(len(self.urls)))
         if self.shuffle_buffer > 0:
-            random.Random(stable_seed("shards", self.seed, epoch)).shuffle(order)
+            python_rng(stable_seed("shards", self.seed, epoch)).shuffle(order)
         load, out = [0] * self.splits, [[] for _ in range(self.splits)]
         for i in order:
             v = min(range(self.splits), key=lambda s: (load[s], s))
@@ -114,8 +114,8 @@ class EpochRows:
         stages = [wds.SimpleShardList([self.urls[i] for i in shards]), partial(_tar_samples, infos=self.infos)]
         seed = stable_seed("rows", self.seed, epoch, split)
         if self.shuffle_buffer > 0:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(seed)))
-        rng = np.random.default_rng(seed)
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=python_rng(seed)))
+        rng = numpy_rng(seed)
         for sample in wds.DataPipeline(*stages):
             block = decode_rows(sample, self.member, self.limits)
             yield block[rng.permutation(len(block))] if self.shuffle_buffer > 0 else block
@@ -125,20 +125,10 @@ class EpochRows:
         steps = self.steps(epoch)
         blocks = self._blocks(epoch, split, self.assignment(epoch)[split])
         cols = 2 if self.member == "pairs.npy" else 3
-        pieces, held, step = [], 0, 0
-        for block in blocks:
-            pos = 0
-            while pos < len(block):
-                take = min(self.part - held, len(block) - pos)
-                pieces.append(block[pos:pos + take])
-                held, pos = held + take, pos + take
-                if held == self.part:
-                    if step >= start:
-                        yield np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy()
-                    pieces, held, step = [], 0, step + 1
-        if pieces:
-            if step >= start:
-                yield np.concatenate(pieces)
+        step = 0
+        for pieces in cut_batches(blocks, self.part):
+            if step >= start:  # skipped parts are decoded, never copied
+                yield concat_rows(pieces)
             step += 1
         for k in range(step, steps):
             if k >= start:

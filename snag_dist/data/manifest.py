@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from snag_dist.errors import DataError
+from snag_dist.fsio import atomic_write_json
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -106,11 +105,8 @@ def sha256_file(path: str | Path, block: int = 8 << 20) -> str:
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, path)
+    """``data`` as indented JSON, written atomically (``fsio.atomic_write_json``; kept for its callers)."""
+    atomic_write_json(path, data, indent=1)
 
 
 def load_manifest(root: str | Path) -> Manifest:

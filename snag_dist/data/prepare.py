@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import math
-import os
 import re
 import shutil
 import sys
@@ -27,6 +26,7 @@ import webdataset as wds
 from safetensors.numpy import save_file
 
 from snag_dist import __version__
+from snag_dist.data.batching import concat_rows, cut_batches
 from snag_dist.data.entity_features import EntityFeatures
 from snag_dist.data.manifest import (
     MANIFEST,
@@ -35,13 +35,13 @@ from snag_dist.data.manifest import (
     ModalityInfo,
     ShardInfo,
     sha256_file,
-    write_json_atomic,
 )
 from snag_dist.data.name_encoder import TEXT_ENCODERS
 from snag_dist.data.readers import SourceDataset, read_dataset
-from snag_dist.data.records import MEMBER, Column, Csr, EntityBlock, EntityLayout
-from snag_dist.data.tempdirs import check_output, describe_removed, make_dir, remove_stale, temp_path
+from snag_dist.data.records import MEMBER, Column, EntityBlock, EntityLayout
+from snag_dist.data.tempdirs import check_output, describe_removed, make_dir
 from snag_dist.errors import ConfigError, DataError
+from snag_dist.fsio import atomic_dir, atomic_write_json, remove_stale
 
 _MODALITY_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -119,7 +119,7 @@ def _entity_samples(features: EntityFeatures, layout: EntityLayout, start: int, 
     """Samples of ``block`` consecutive entities each, cut from one columnar chunk."""
     cols, mask = features.chunk(start, stop)
     dense = {c.name: cols[c.name] for c in features.columns if c.kind == "dense"}
-    bags = {c.name: Csr(*cols[c.name]) for c in features.columns if c.kind == "bag"}
+    bags = {c.name: cols[c.name] for c in features.columns if c.kind == "bag"}
     chunk = EntityBlock(np.arange(start, stop), features.ds.kg[start:stop], mask, dense, bags)
     for a in range(0, stop - start, block):
         part = chunk.slice(a, min(a + block, stop - start))
@@ -170,19 +170,8 @@ def _reblock(blocks: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
     Each output is its own copy: a view would pin the whole (up to 1M-row) input block, and a shard
     holds ~100 outputs before it is written.
     """
-    pending: list[np.ndarray] = []
-    held = 0
-    for block in blocks:
-        pos = 0
-        while pos < len(block):
-            take = min(size - held, len(block) - pos)
-            pending.append(block[pos:pos + take])
-            held, pos = held + take, pos + take
-            if held == size:
-                yield np.concatenate(pending)
-                pending, held = [], 0
-    if held:
-        yield np.concatenate(pending)
+    for pieces in cut_batches(blocks, size):
+        yield concat_rows(pieces)
 
 
 def _write_rows(out: Path, group: str, blocks: Iterator[np.ndarray], total: int, member: str,
@@ -282,25 +271,11 @@ def prepare(dataset_dir: str | Path, out_dir: str | Path, opts: PrepareOptions =
     stale = remove_stale(out, ("tmp",) + (("old",) if out.is_dir() else ()))
     if stale:
         _notice(describe_removed(stale))
-    tmp = temp_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    make_dir(tmp)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=ds.num_entities, unit="ent", desc="prepare", disable=not show_progress)
-    try:
-        manifest = _write_all(ds, tmp, opts, bar.update)
-        write_json_atomic(tmp / MANIFEST, manifest.to_json())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
-    if out.exists():
-        old = temp_path(out, "old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    # An existing OUT_DIR (--overwrite) is renamed aside to .OUT.old-HOST-PID, then deleted.
+    with atomic_dir(out, mkdir=make_dir) as tmp:
+        with tqdm(total=ds.num_entities, unit="ent", desc="prepare", disable=not show_progress) as bar:
+            manifest = _write_all(ds, tmp, opts, bar.update)
+        atomic_write_json(tmp / MANIFEST, manifest.to_json(), indent=1)
     return manifest

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
-import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,9 +20,10 @@ import torch
 
 from snag_dist.data.integrity import CheckedShard, store_key
 from snag_dist.data.manifest import Manifest, ShardInfo, load_manifest
+from snag_dist.data.npy_writer import NpyWriter
 from snag_dist.data.records import MEMBER, Csr, EntityBlock, EntityLayout, alloc_many, cast_into
-from snag_dist.data.tempdirs import remove_stale, temp_path
 from snag_dist.errors import DataError
+from snag_dist.fsio import atomic_dir, remove_stale
 
 STORE_VERSION = 1
 
@@ -79,32 +78,13 @@ def _iter_blocks(root: Path, manifest: Manifest, start: int, stop: int) -> Itera
         raise DataError(f"{root}: entity shards miss entity id {next_id}")
 
 
-class _NpyAppender:
-    """A ``.npy`` file written front to back: header for the final shape, then rows appended.
-
-    Plain writes, not ``open_memmap``: pages written through a mapping count in this process's RSS,
-    so filling a 1M-entity store that way would hold its whole 1.5 GiB of features.
-    """
-
-    def __init__(self, path: Path, dtype, shape: tuple[int, ...]) -> None:
-        self.fh = open(path, "wb")
-        self.dtype = np.dtype(dtype)
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
-        np.lib.format.write_array_header_1_0(self.fh, header)
-
-    def append(self, rows: np.ndarray) -> None:
-        self.fh.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
-
-    def close(self) -> None:
-        self.fh.close()
-
-
 def _build(root: Path, manifest: Manifest, start: int, stop: int, tmp: Path) -> None:
     n = stop - start
     layout = EntityLayout.from_manifest(manifest)
-    files = {"kg": _NpyAppender(tmp / "kg.npy", np.uint8, (n,)),
-             "mask": _NpyAppender(tmp / "mask.npy", np.bool_, (n, len(layout.columns)))}
-    files.update({c.name: _NpyAppender(tmp / f"{c.name}.npy", c.dtype, (n, c.dim))
+    # Written front to back with plain writes (``NpyWriter``), never through a memory map.
+    files = {"kg": NpyWriter(tmp / "kg.npy", np.uint8, (n,)),
+             "mask": NpyWriter(tmp / "mask.npy", np.bool_, (n, len(layout.columns)))}
+    files.update({c.name: NpyWriter(tmp / f"{c.name}.npy", c.dtype, (n, c.dim))
                   for c in layout.columns if c.kind == "dense"})
     bags: dict[str, list[Csr]] = {c.name: [] for c in layout.bags}
     try:
@@ -135,20 +115,14 @@ def cached_build(folder: Path, meta_name: str, stamp: str, build: Callable[[Path
     if meta.is_file() and json.loads(meta.read_text()).get("manifest_sha256") == stamp:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(folder)
-    tmp = temp_path(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    remove_stale(folder, ("tmp", "old"))
     try:
-        extra = build(tmp) or {}
-        (tmp / meta_name).write_text(json.dumps({**extra, "manifest_sha256": stamp}))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        with atomic_dir(folder) as tmp:  # an outdated folder is renamed aside, then deleted
+            extra = build(tmp) or {}
+            (tmp / meta_name).write_text(json.dumps({**extra, "manifest_sha256": stamp}))
     except OSError:
         if not meta.is_file():  # no other rank finished it either
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import math
-import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -25,10 +24,12 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
+from snag_dist.data.batching import concat_rows, cut_batches
 from snag_dist.data.integrity import CheckedShard, shard_infos
 from snag_dist.data.manifest import Manifest, ShardInfo, load_manifest
 from snag_dist.data.records import MEMBER, EntityBlock, EntityLayout, alloc_many, cast_into
 from snag_dist.errors import DataError, SnagError
+from snag_dist.seeding import numpy_rng, python_rng, tuple_seed
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def _seeded_shuffle(src: Iterator, bufsize: int, seed: tuple[int, ...]) -> Itera
     if bufsize <= 0:
         yield from src
         return
-    rng = random.Random(hash((*seed, _worker_id())) & 0xFFFFFFFF)
+    rng = python_rng(tuple_seed(*seed, _worker_id(), bits=32))
     yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
 
 
@@ -163,13 +164,13 @@ class _EpochStream(IterableDataset):
 
     def _rng(self) -> np.random.Generator:
         """Row-level shuffling: seeded by (seed, epoch, rank, worker)."""
-        return np.random.default_rng((self.cfg.seed, self.epoch, self.cfg.rank, _worker_id()))
+        return numpy_rng(self.cfg.seed, self.epoch, self.cfg.rank, _worker_id())
 
     def _samples(self, bufsize: int) -> Iterator[dict]:
         """This rank's and worker's samples; ``bufsize`` samples in the (seeded) shuffle buffer."""
         urls = list(self.urls)
         if self.cfg.shuffle_buffer > 0:  # same shard order on every rank, new each epoch
-            random.Random(hash((self.cfg.seed, self.epoch)) & 0xFFFFFFFF).shuffle(urls)
+            python_rng(tuple_seed(self.cfg.seed, self.epoch, bits=32)).shuffle(urls)
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(urls),
             partial(split_by_rank, rank=self.cfg.rank, world_size=self.cfg.world_size),
@@ -247,17 +248,7 @@ class EntityStream(_EpochStream):
                 "mask": torch.from_numpy(part.mask), "features": feats}
 
     def compact_batches(self) -> Iterator[EntityBlock]:
-        size, pieces, held = self.cfg.batch_size, [], 0
-        for block in self._windows():
-            pos = 0
-            while pos < len(block):
-                take = min(size - held, len(block) - pos)
-                pieces.append((block, pos, pos + take))
-                held, pos = held + take, pos + take
-                if held == size:
-                    yield self.compact(pieces)
-                    pieces, held = [], 0
-        if pieces and not self.cfg.drop_last:
+        for pieces in cut_batches(self._windows(), self.cfg.batch_size, self.cfg.drop_last):
             yield self.compact(pieces)
 
     def __iter__(self) -> Iterator[dict]:
@@ -320,18 +311,8 @@ class RowStream(_EpochStream):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Blocks re-cut into batches; each row is copied once (no re-concatenation of leftovers)."""
-        size, pieces, held = self.cfg.batch_size, [], 0
-        for block in self._blocks():
-            pos = 0
-            while pos < len(block):
-                take = min(size - held, len(block) - pos)
-                pieces.append(block[pos:pos + take])
-                held, pos = held + take, pos + take
-                if held == size:
-                    yield torch.from_numpy(np.concatenate(pieces) if len(pieces) > 1 else pieces[0].copy())
-                    pieces, held = [], 0
-        if pieces and not self.cfg.drop_last:
-            yield torch.from_numpy(np.concatenate(pieces))
+        for pieces in cut_batches(self._blocks(), self.cfg.batch_size, self.cfg.drop_last):
+            yield torch.from_numpy(concat_rows(pieces))
 
 
 class WorkerLoader:

@@ -1,67 +1,18 @@
-"""Temp folders written beside an output and renamed into place, and the ones killed runs left.
+"""Output folders of the data commands (``prepare``, ``synth``): checks with one-line errors.
 
-A writer (``prepare``, ``synth``, the feature/graph store builds) fills ``.NAME.tmp-HOST-PID``
-next to ``NAME`` and renames it at the end; an error removes it, but SIGKILL or a power cut leaves
-it behind. ``remove_stale`` deletes those whose writer is gone: same host and a PID that is no
-longer alive. Folders of other hosts (a shared file system) are never judged; names of older
-versions (``.NAME.tmp-PID``, no host) are taken as this host's.
+The folders are written as temp siblings renamed into place, and temp folders that killed runs left
+are removed, by ``snag_dist.fsio`` (``atomic_dir``, ``remove_stale``; ``temp_path``, ``remove_stale``
+and ``pid_alive`` stay importable from here).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 from pathlib import Path
 
 from snag_dist.errors import DataError
+from snag_dist.fsio import pid_alive, remove_stale, temp_path
 
-
-def _host() -> str:
-    return socket.gethostname().replace("/", "_") or "localhost"
-
-
-def temp_path(target: Path, kind: str = "tmp") -> Path:
-    """This process's temp folder for ``target``: ``.NAME.KIND-HOST-PID`` beside it."""
-    return target.parent / f".{target.name}.{kind}-{_host()}-{os.getpid()}"
-
-
-def _owner(folder: Path, prefix: str) -> tuple[str, int] | None:
-    """(host, pid) from a temp folder name; host '' for names without one."""
-    rest = folder.name[len(prefix):]
-    host, _, pid = rest.rpartition("-")
-    return (host, int(pid)) if pid.isdigit() else None
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a process id we can judge: keep the folder
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale(target: Path, kinds: tuple[str, ...] = ("tmp",)) -> list[Path]:
-    """Remove ``.NAME.KIND-*`` folders beside ``target`` whose writer (same host) is dead; return them."""
-    here, removed = _host(), []
-    if not target.parent.is_dir():
-        return removed
-    for kind in kinds:
-        prefix = f".{target.name}.{kind}-"
-        for folder in sorted(target.parent.iterdir()):
-            if not folder.name.startswith(prefix) or not folder.is_dir():
-                continue
-            owner = _owner(folder, prefix)
-            if owner is None or (owner[0] and owner[0] != here) or pid_alive(owner[1]):
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
-            if not folder.exists():
-                removed.append(folder)
-    return removed
+__all__ = ["check_output", "describe_removed", "make_dir", "pid_alive", "remove_stale", "temp_path"]
 
 
 def describe_removed(folders: list[Path]) -> str:

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from snag_dist.errors import CheckpointError
+from snag_dist.fsio import install_dir
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,12 +101,7 @@ def install(tmp: Path, final: Path) -> None:
     aside first and deleted last, so at every instant either ``final`` or its aside copy is a whole
     checkpoint: a kill between the renames leaves ``.<tag>.old``, which ``checkpoint_dir`` reads and
     ``recover`` renames back."""
-    old = _aside(final)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    install_dir(tmp, final, aside=_aside(final))
 
 
 def checkpoint_dir(folder: Path, tag: str) -> Path:

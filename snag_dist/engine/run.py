@@ -35,6 +35,7 @@ from snag_dist.engine.memory import keep_freed_memory
 from snag_dist.errors import CheckpointError, ConfigError, DataError
 from snag_dist.logging import MetricsLogger
 from snag_dist.model.sharded_table import rows_loaded_later
+from snag_dist.seeding import seed_torch
 from snag_dist.tasks.registry import TASKS
 
 
@@ -77,7 +78,7 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, progress: bool,
     if cfg.engine.keep_freed_memory:
         keep_freed_memory()
     backend = build_backend(cfg.engine, cfg.train)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    seed_torch(cfg.train.seed)  # identical initial weights on every rank
     # The one injection point of collectives into a task (tasks never import torch.distributed).
     comm = Collectives.current()
     task = TASKS.get(cfg.task.name)(cfg, backend.rank, backend.world_size, backend.device, comm=comm)

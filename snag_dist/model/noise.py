@@ -45,7 +45,7 @@ from torch import nn
 from snag_dist.config.schema import NoiseConfig
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.model.spec import STRUCTURE
-from snag_dist.seeding import stable_seed
+from snag_dist.seeding import stable_seed, torch_generator
 
 draw_seed = stable_seed  # a stable 63-bit seed from any parts (kept under its old name)
 
@@ -294,8 +294,7 @@ class GaussModalityNoise(nn.Module):
 
     # ---- draws ---------------------------------------------------------------------------
     def _generator(self, device: torch.device, name: str, step: int | None) -> torch.Generator:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(draw_seed(self._seed, self._epoch, step, name))
+        gen = torch_generator(draw_seed(self._seed, self._epoch, step, name), device)
         return gen
 
     def _table_draw(self, name: str, step: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from snag_dist.data.store import partition_range
-from snag_dist.seeding import stable_seed
+from snag_dist.seeding import stable_seed, torch_generator
 
 _INIT_BLOCK = 1 << 16
 
@@ -40,7 +40,7 @@ def keyed_normal_rows(seed: int, start: int, stop: int, dim: int, std: float) ->
     out = torch.empty(stop - start, dim)
     for block in range(start // _INIT_BLOCK, (stop - 1) // _INIT_BLOCK + 1 if stop > start else 0):
         lo = block * _INIT_BLOCK
-        gen = torch.Generator().manual_seed(stable_seed("table", seed, block))
+        gen = torch_generator(stable_seed("table", seed, block))
         values = torch.randn(_INIT_BLOCK, dim, generator=gen) * std
         a, b = max(start, lo), min(stop, lo + _INIT_BLOCK)
         out[a - start:b - start] = values[a - lo:b - lo]

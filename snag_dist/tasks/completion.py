@@ -75,7 +75,8 @@ from snag_dist.data.stream import read_all_rows
 from snag_dist.errors import ConfigError, DataError
 from snag_dist.eval.filtered import COMPLETION_HITS, KnownTriples, filtered_rank_stats, metrics_from_stats
 from snag_dist.eval.filtered_sharded import FileRows, full_filtered_ranks, sampled_filtered_ranks
-from snag_dist.eval.ranking import QueryShard, rank_stats, shard_bounds
+from snag_dist.eval.metrics import rank_stats
+from snag_dist.eval.shards import QueryShard, shard_bounds
 from snag_dist.model.snag import SNAG
 from snag_dist.model.spec import STRUCTURE
 from snag_dist.seeding import generator

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from snag_dist.config import Config, save_config
 from snag_dist.errors import TrainingError
+from snag_dist.fsio import atomic_open
 from snag_dist.plots import save_figure
 from snag_dist.tune.space import SearchSpace, apply
 
@@ -78,14 +77,12 @@ def _fmt(value: Any) -> str:
 
 def write_csv(rows: list[dict[str, Any]], space: SearchSpace, metric: str, path: Path) -> Path:
     header = ["rank", "trial", "status", metric, "best_epochs", "epochs", *space.keys(), "run_dir", "error"]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", newline="") as fh:
+    with atomic_open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for rank, r in enumerate(rows, 1):
             writer.writerow([rank, r["trial"], r["status"], r[metric], r["best_epochs"], r["epochs"],
                              *(r["params"][k] for k in space.keys()), r["run_dir"], r["error"]])
-    os.replace(tmp, path)
     return path
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from snag_dist.config import Config, replace
+from snag_dist.config import Config, nest_dotted, replace
 from snag_dist.errors import ConfigError
 
 # name -> (number of arguments or None for a list, what the arguments are)
@@ -78,22 +78,10 @@ class SearchSpace:
         return [p.key for p in self.params]
 
 
-def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"noise.noise_ratio": 0.3}`` -> ``{"noise": {"noise_ratio": 0.3}}``."""
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return tree
-
-
 def apply(cfg: Config, fixed: dict[str, Any], params: dict[str, Any]) -> Config:
     """The config of one trial: ``cfg`` with the space's fixed values and the sampled ``params``."""
     flat = {**fixed, **params}
-    return replace(cfg, nest(flat)) if flat else cfg
+    return replace(cfg, nest_dotted(flat)) if flat else cfg
 
 
 def _fail(path: str, msg: str) -> ConfigError:

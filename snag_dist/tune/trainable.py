@@ -17,7 +17,6 @@ retried trial starts a TorchTrainer with the same name and storage, which restor
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 from snag_dist.config import Config, replace
 from snag_dist.config.load import build
 from snag_dist.errors import ConfigError
+from snag_dist.logging import LOGS, trim_jsonl
 from snag_dist.tune.space import apply
 
 FAULT_MARKER = "fault_injected"  # in the trial folder: how many injected faults fired so far
@@ -85,16 +85,9 @@ def restore(checkpoint_dir: Path | None, run_dir: Path) -> int:
     shutil.rmtree(ckpts, ignore_errors=True)
     shutil.copytree(checkpoint_dir, ckpts)
     epochs = restored_epochs(run_dir)
-    for name in ("metrics.jsonl", "train.jsonl"):  # drop what the failed attempt logged after the checkpoint
-        _trim_jsonl(run_dir / name, epochs)
+    for name in LOGS:  # drop what the failed attempt logged after the checkpoint
+        trim_jsonl(run_dir / name, epochs)
     return epochs
-
-
-def _trim_jsonl(path: Path, epochs: int) -> None:
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line).get("epoch", 0) < epochs]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 class Reporter:

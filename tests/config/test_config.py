@@ -87,3 +87,21 @@ def test_keys_that_would_do_nothing_or_mislead_are_one_line_errors(overrides, ma
     with pytest.raises(ConfigError, match=match):
         load_config("quickstart", overrides)
     load_config("quickstart", ["engine.backend=deepspeed", "engine.zero_stage=2"])  # where they apply: fine
+
+
+def test_nest_dotted_and_its_conflicts():
+    from snag_dist.config.load import DottedKeyConflict, nest_dotted, parse_overrides, set_dotted
+
+    assert nest_dotted({"noise.noise_ratio": 0.3, "train.lr": 1e-4, "noise.per_modality.name.mask_ratio": 0.1,
+                        "seed": 1}) == {"noise": {"noise_ratio": 0.3, "per_modality": {"name": {"mask_ratio": 0.1}}},
+                                        "train": {"lr": 1e-4}, "seed": 1}
+    assert nest_dotted({}) == {}
+    tree = {"train": {"lr": 1.0}}
+    set_dotted(tree, "train", 5)  # a later key replaces an earlier value, mappings included
+    assert tree == {"train": 5}
+    with pytest.raises(DottedKeyConflict, match="'train.lr' conflicts with another value of 'train'") as err:
+        set_dotted(tree, "train.lr", 2)
+    assert isinstance(err.value, ConfigError) and err.value.part == "train"
+    assert parse_overrides(["a.b=1", "a.c=[x, y]", "d="]) == {"a": {"b": 1, "c": ["x", "y"]}, "d": ""}
+    with pytest.raises(ConfigError, match="override 'train.lr.x=1' conflicts with another override of 'lr'"):
+        parse_overrides(["train.lr=1", "train.lr.x=1"])

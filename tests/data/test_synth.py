@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import snag_dist.data.synth as synth_mod
+import snag_dist.data.synth.dataset as synth_dataset
 from snag_dist.data.synth import ModalityOption, SynthOptions, parse_modalities, synth
+from snag_dist.data.synth.graph import first_unique, row_keys
+from snag_dist.data.synth.layouts import KG2_KEEP
+from snag_dist.data.synth.text_writer import format_rows
 from snag_dist.errors import ConfigError, DataError
 
 N, T, R = 3000, 30000, 50
@@ -138,7 +142,7 @@ def test_mmea_structure_carries_alignment(mmea):
     both = (to2[t1[:, 0]] >= 0) & (to2[t1[:, 2]] >= 0)
     mapped = {(to2[h], r + R, to2[t]) for h, r, t in t1[both].tolist()}
     kept = len(mapped & set(map(tuple, t2.tolist()))) / len(mapped)
-    assert abs(kept - synth_mod.KG2_KEEP) < 0.05
+    assert abs(kept - KG2_KEEP) < 0.05
 
 
 @pytest.mark.parametrize("which", ["mkgc", "mmea"])
@@ -194,7 +198,7 @@ def test_failure_leaves_no_output(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(synth_mod, "_write_features", boom)
+    monkeypatch.setattr(synth_dataset, "write_features", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         synth(tmp_path / "out", SynthOptions(100, 500))
     assert list(tmp_path.iterdir()) == []  # neither out nor its temp sibling
@@ -204,12 +208,50 @@ def test_format_rows_matches_python():
     rng = np.random.default_rng(0)
     a = np.concatenate([[0, 9, 10, 99, 100], rng.integers(0, 10**12, 200)])
     b = rng.integers(0, 7, len(a))
-    got = synth_mod._format_rows([b"e", a, b"\t", b, b" x"])
+    got = format_rows([b"e", a, b"\t", b, b" x"])
     assert got == "".join(f"e{x}\t{y} x\n" for x, y in zip(a.tolist(), b.tolist())).encode()
-    assert synth_mod._format_rows([np.zeros(0, dtype=np.int64)]) == b""
+    assert format_rows([np.zeros(0, dtype=np.int64)]) == b""
 
 
 def test_row_keys_fallback_for_huge_graphs():
     tri = np.array([[5, 1, 2], [5, 1, 2], [2, 1, 5], [5, 0, 2]])
     for n in (10, 2**40):  # int64 keys, then row bytes
-        assert synth_mod._first_unique(synth_mod._row_keys(tri, n, 3)).tolist() == [0, 2, 3]
+        assert first_unique(row_keys(tri, n, 3)).tolist() == [0, 2, 3]
+
+
+# sha256 (first 16 hex digits) of every integer/text output of two small graphs (seed 5), and the
+# float64 (sum, sum of squares) of each feature table: the features pass a float32 matmul, whose last
+# bits may depend on the BLAS kernel, so they are compared to a tolerance, everything else byte for byte.
+GOLDEN = {
+    "mkgc": {
+        "entities.txt": "f6e4afb059e38047", "entity2id.txt": "b5428741968dad10",
+        "relations.txt": "727d1b30a951d734", "synth.json": "e88d892a9e3bdd34",
+        "train.txt": "bbd9090961a157ae", "valid.txt": "88a392a914a1b114", "test.txt": "b86c78ee12aff0d0",
+        "features/image.present.npy": "59d1778a64593385", "features/name.present.npy": "f846ee12799fa4d1",
+        "features/image.npy": (-241.31867742538452, 19982.327115672877),
+        "features/name.npy": (-1854.0190900564194, 42975.15343478499),
+    },
+    "mmea": {
+        "ent_ids_1": "1fd13ade5466259c", "ent_ids_2": "2ca8244274ca9e22", "ref_ent_ids": "0e8d170f793f3d4d",
+        "rel_ids_1": "bec144e782471b07", "rel_ids_2": "883514d8b4d9e2cc", "synth.json": "808b878d811e9e92",
+        "triples_1": "e9cc85d2f6adfb7a", "triples_2": "d58ac316d4e21034",
+        "features/image.present.npy": "59d1778a64593385", "features/name.present.npy": "f846ee12799fa4d1",
+        "features/image.npy": (111.6718544960022, 21973.605975869163),
+        "features/name.npy": (-2915.037293314934, 43917.622916436034),
+    },
+}
+
+
+@pytest.mark.parametrize("task", ["mkgc", "mmea"])
+def test_output_bytes_for_a_seed_are_fixed(task, tmp_path):
+    """The bytes written for a seed never change: refactors of synth keep every dataset reproducible."""
+    out = tmp_path / task
+    synth(out, SynthOptions(400, 3000, task=task, relations=12, modalities=MODS[:2], seed=5))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(GOLDEN[task])
+    for rel, want in GOLDEN[task].items():
+        if isinstance(want, tuple):
+            x = np.load(out / rel).astype(np.float64)
+            assert (float(x.sum()), float((x * x).sum())) == pytest.approx(want, rel=1e-5, abs=0.05), rel
+        else:
+            assert hashlib.sha256((out / rel).read_bytes()).hexdigest()[:16] == want, rel

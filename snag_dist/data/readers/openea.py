@@ -24,6 +24,7 @@ from snag_dist.data.readers.source import (
 )
 from snag_dist.data.readers.text_files import read_id_names, read_int_rows
 from snag_dist.errors import DataError
+from snag_dist.seeding import numpy_rng
 
 
 def is_openea(root: Path) -> bool:
@@ -32,7 +33,7 @@ def is_openea(root: Path) -> bool:
 
 def split_links(links: np.ndarray, train_ratio: float, valid_ratio: float, seed: int) -> dict[str, np.ndarray]:
     """Shuffle with ``seed``; ``train_ratio`` of links train (of which ``valid_ratio`` becomes valid)."""
-    order = np.random.default_rng(seed).permutation(len(links))
+    order = numpy_rng(seed).permutation(len(links))
     shuffled = links[order]
     n_train = int(round(train_ratio * len(links)))
     n_valid = int(round(valid_ratio * n_train))
@@ -44,7 +45,7 @@ def split_links(links: np.ndarray, train_ratio: float, valid_ratio: float, seed:
 
 
 def _carve_valid(train: np.ndarray, valid_ratio: float, seed: int) -> dict[str, np.ndarray]:
-    order = np.random.default_rng(seed).permutation(len(train))
+    order = numpy_rng(seed).permutation(len(train))
     n_valid = int(round(valid_ratio * len(train)))
     return {"train": train[order[n_valid:]], "valid": train[order[:n_valid]]}
 
