@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from snag_dist.errors import ConfigError
-
-FAULT_ENV = "SNAG_TUNE_FAULT"  # testing hook: EPOCH[:TIMES], trials raise after that epoch (tune.trainable.Fault)
 
 
 def _sources(args: argparse.Namespace, out: Path) -> tuple[str, str]:
@@ -29,7 +26,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from snag_dist.config import load_config, save_config
     from snag_dist.tune import load_space, validate
     from snag_dist.tune.runner import absolute_paths, run_search
-    from snag_dist.tune.trainable import Fault
 
     out = Path(args.out).expanduser().resolve()
     for folder in (out, *out.parents):  # --out (or a folder above it) that is a file
@@ -51,8 +47,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         save_config(cfg, out / "base.yaml")
         if Path(space_path).resolve() != (out / "space.yaml"):
             shutil.copyfile(space_path, out / "space.yaml")
-    fault = Fault.parse(os.environ.get(FAULT_ENV, ""))
-    run_search(cfg, space, out, resume=args.resume, fault=fault, verbose=0 if args.quiet else 1)
+    run_search(cfg, space, out, resume=args.resume, verbose=0 if args.quiet else 1)
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from snag_dist.config import Config, TuneConfig, replace, to_dict
 from snag_dist.errors import CheckpointError, ConfigError, TrainingError
 from snag_dist.tune.space import SearchSpace, apply, validate
-from snag_dist.tune.trainable import NO_FAULT, Fault
+from snag_dist.tune.trainable import OnReport
 
 # task name -> the class whose `metric` is its validation metric (hits@1 / mrr)
 _TASK_CLASSES = {"alignment": "snag_dist.tasks.alignment:AlignmentTask",
@@ -84,12 +84,13 @@ def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _trainable(cfg: Config, space: SearchSpace, out: Path, fault: Fault):
+def _trainable(cfg: Config, space: SearchSpace, out: Path, on_report: OnReport | None):
     from ray import tune
 
     from snag_dist.tune.trainable import run_trial, run_trial_workers
 
-    tcfg, common = cfg.tune, {"base": to_dict(cfg), "fixed": space.fixed, "exp_dir": str(out), "fault": fault}
+    tcfg = cfg.tune
+    common = {"base": to_dict(cfg), "fixed": space.fixed, "exp_dir": str(out), "on_report": on_report}
     if tcfg.workers_per_trial == 1:
         bound = tune.with_parameters(run_trial, **common)
         return tune.with_resources(bound, {"cpu": tcfg.cpus_per_trial, "gpu": tcfg.gpus_per_trial})
@@ -100,13 +101,13 @@ def _trainable(cfg: Config, space: SearchSpace, out: Path, fault: Fault):
     return tune.with_resources(bound, {"cpu": 0, "memory": DRIVER_MEMORY})
 
 
-def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False, fault: Fault = NO_FAULT,
-                verbose: int = 1):
+def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False,
+                on_report: OnReport | None = None, verbose: int = 1):
     from ray import tune
 
     # Every report carries a checkpoint and num_to_keep forces a state snapshot: expected, not a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trainable = _trainable(cfg, space, out, fault)
+    trainable = _trainable(cfg, space, out, on_report)
     if resume:
         if not tune.Tuner.can_restore(str(out)):
             raise CheckpointError(f"--resume: {out} holds no Ray Tune experiment to restore")
@@ -132,11 +133,14 @@ def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False
     return tune.Tuner(trainable, param_space=space.to_ray(), tune_config=tune_config, run_config=run_config)
 
 
-def run_search(cfg: Config, space: SearchSpace, out: str | Path, resume: bool = False, fault: Fault = NO_FAULT,
-               verbose: int = 1, show: bool = True) -> TuneOutcome:
-    """Run (or resume) the search of ``space`` around ``cfg``; write results.csv, best.yaml and plots/.
+def run_search(cfg: Config, space: SearchSpace, out: str | Path, resume: bool = False,
+               on_report: OnReport | None = None, verbose: int = 1, show: bool = True) -> TuneOutcome:
+    """Run the search of ``space`` around ``cfg`` (``resume``: restore the one in ``out``); write
+    results.csv, best.yaml and plots/.
 
-    ``fault`` (testing hook) makes trials raise after reporting an epoch (exercises retries and restore).
+    ``on_report(trial_dir, metrics)`` (picklable: Ray ships it to the trials) runs in each trial after
+    every report, on the process that sent the checkpoint; what it raises fails the trial, which Tune
+    then retries from that checkpoint (``tune.max_failures``) or a later ``resume`` restores.
     """
     from snag_dist.tune import outputs
 
@@ -144,7 +148,7 @@ def run_search(cfg: Config, space: SearchSpace, out: str | Path, resume: bool = 
     cfg = absolute_paths(cfg)
     validate(space, cfg, cfg.tune.search)
     metric = task_metric(cfg.task.name)
-    grid = build_tuner(cfg, space, out, resume, fault, verbose).fit()
+    grid = build_tuner(cfg, space, out, resume, on_report, verbose).fit()
     rows = outputs.trial_rows(grid, cfg, space, metric)
     if not any(r["status"] != "error" for r in rows):
         first = next((r["error"] for r in rows if r["error"]), "no trial reported")
