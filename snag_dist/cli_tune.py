@@ -7,7 +7,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from snag_dist.cli_common import add_out
 from snag_dist.errors import ConfigError
+
+DEFAULT_OUT = "runs/tune/search"
 
 
 def _sources(args: argparse.Namespace, out: Path) -> tuple[str, str]:
@@ -61,7 +64,7 @@ def _add_tune(sub) -> None:
     p.add_argument("--max-concurrent", dest="max_concurrent", type=int, help="trials at once (tune.max_concurrent)")
     p.add_argument("--workers-per-trial", dest="workers_per_trial", type=int,
                    help="processes per trial; > 1 runs a Ray Train TorchTrainer (tune.workers_per_trial)")
-    p.add_argument("--out", default="runs/tune/search", help="experiment folder (Ray state, trials, results)")
+    add_out(p, "experiment folder (Ray state, trials, results)", default=DEFAULT_OUT)
     p.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override of the base config, e.g. train.epochs=20")
     p.add_argument("--quiet", action="store_true", help="no Ray progress tables")
