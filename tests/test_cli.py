@@ -1,5 +1,5 @@
 """One CLI convention (issue #22): inputs positional, what a verb writes behind ``--out``, old spellings
-deprecated with one stderr line, help on every option.
+deprecated with one stderr line, ``--resume auto|never`` for train and tune, help on every option.
 
 The verbs' work is replaced by recorders: these tests are about argv -> call, not the work itself.
 """
@@ -137,3 +137,63 @@ def test_an_optional_output_may_be_left_out(argv, verb, monkeypatch, capsys):
     code, err = _run(capsys, argv)
     assert code == 0 and err == [], err
     assert rec.calls == [(verb, None if verb == "eval" else "")]
+
+
+# -- tune --resume auto|never ----------------------------------------------------------------------
+@pytest.fixture
+def searches(monkeypatch) -> list[dict]:
+    """tune's run_search, recorded (no Ray)."""
+    import snag_dist.tune.runner as runner
+
+    calls: list[dict] = []
+    monkeypatch.setattr(runner, "run_search", lambda cfg, space, out, **kw: calls.append({"out": out, **kw}))
+    return calls
+
+
+def _tune(out: Path, *extra: str) -> list[str]:
+    root = Path(__file__).resolve().parents[1]
+    return ["tune", "--space", str(root / "tuning" / "quickstart.yaml"), "--config", "quickstart", "--out", str(out),
+            "--quiet", *extra]
+
+
+def test_tune_resume_never_is_the_default_and_refuses_a_saved_search(searches, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(_tune(out)) == 0
+    assert searches == [{"out": out.resolve(), "resume": False, "verbose": 0}]
+    assert (out / "base.yaml").is_file() and (out / "space.yaml").is_file()
+    (out / "tuner.pkl").write_bytes(b"state")  # what Ray leaves in a search folder
+    base = (out / "base.yaml").read_bytes()
+    for argv in (_tune(out), _tune(out, "--resume", "never")):
+        code, err = _run(capsys, argv)
+        assert code == 1 and len(err) == 1 and "already holds a search" in err[0] and "--resume auto" in err[0], err
+    assert len(searches) == 1 and (out / "base.yaml").read_bytes() == base  # a refused command writes nothing
+
+
+def test_tune_resume_auto_continues_a_saved_search_or_starts_one(searches, tmp_path, capsys):
+    out = tmp_path / "exp"
+    code, err = _run(capsys, _tune(out, "--resume", "auto"))  # nothing there yet: a fresh search
+    assert code == 0 and err == [] and searches[-1]["resume"] is False
+    (out / "tuner.pkl").write_bytes(b"state")
+    code, err = _run(capsys, ["tune", "--resume", "auto", "--out", str(out), "--quiet"])  # sources: the saved copies
+    assert code == 0 and err == [] and searches[-1] == {"out": out.resolve(), "resume": True, "verbose": 0}
+
+
+def test_tune_bare_resume_is_a_deprecated_auto(searches, tmp_path, capsys):
+    out = tmp_path / "exp"
+    assert main(_tune(out)) == 0
+    (out / "tuner.pkl").write_bytes(b"state")
+    code, err = _run(capsys, ["tune", "--resume", "--out", str(out)])
+    assert code == 0 and len(err) == 1 and "deprecated" in err[0] and "--resume auto" in err[0], err
+    assert searches[-1]["resume"] is True
+
+
+def test_tune_resume_auto_without_a_saved_search_needs_config_and_space(searches, tmp_path, capsys):
+    code, err = _run(capsys, ["tune", "--resume", "auto", "--out", str(tmp_path / "exp")])
+    assert code == 1 and len(err) == 1 and "tune needs --config" in err[0], err
+    assert searches == []
+
+
+def test_train_and_tune_share_the_resume_values():
+    for verb in ("train", "tune"):
+        [resume] = [a for a in PARSERS[verb]._actions if "--resume" in a.option_strings]
+        assert list(resume.choices) == ["auto", "never"] and resume.default == "never"

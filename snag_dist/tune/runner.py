@@ -1,7 +1,7 @@
 """The search: a Ray Tune ``Tuner`` over trials of the engine, then the results table, best config and plots.
 
 Ray is local by default; with ``RAY_ADDRESS`` set (or ``ray start --head`` run on this machine) the
-Tuner joins that cluster. The experiment folder is ``--out``: Ray's state (so ``--resume`` can
+Tuner joins that cluster. The experiment folder is ``--out``: Ray's state (so ``--resume auto`` can
 ``Tuner.restore`` it), one folder per trial (``TRIAL/run`` is a normal run folder), ``results.csv``,
 ``best.yaml`` and ``plots/``.
 """
@@ -24,6 +24,7 @@ _TASK_CLASSES = {"alignment": "snag_dist.tasks.alignment:AlignmentTask",
                  "completion": "snag_dist.tasks.completion:CompletionTask"}
 DRIVER_MEMORY = 64 * 2**20  # bytes Tune reserves for a multi-worker trial's driver (it takes no CPU)
 REDUCTION_FACTOR = 2  # ASHA keeps the top half at each rung (small searches need a gentle cut)
+TUNER_STATE = "tuner.pkl"  # Ray's experiment state in the experiment folder (what Tuner.restore reads)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def holds_search(out: Path) -> bool:
+    """Whether ``out`` holds a search Ray can restore."""
+    return (out / TUNER_STATE).is_file()
+
+
 def _trainable(cfg: Config, space: SearchSpace, out: Path, on_report: OnReport | None):
     from ray import tune
 
@@ -110,10 +116,10 @@ def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False
     trainable = _trainable(cfg, space, out, on_report)
     if resume:
         if not tune.Tuner.can_restore(str(out)):
-            raise CheckpointError(f"--resume: {out} holds no Ray Tune experiment to restore")
+            raise CheckpointError(f"{out} holds no Ray Tune experiment to restore")
         return tune.Tuner.restore(str(out), trainable, resume_unfinished=True, resume_errored=True)
-    if (out / "tuner.pkl").exists():
-        raise ConfigError(f"{out} already holds a search: pass --resume to continue it or choose another --out")
+    if holds_search(out):
+        raise ConfigError(f"{out} already holds a search: pass --resume auto to continue it or choose another --out")
     metric = task_metric(cfg.task.name)
     tcfg = cfg.tune
     tune_config = tune.TuneConfig(
