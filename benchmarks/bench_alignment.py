@@ -56,7 +56,7 @@ VARIANTS = {
 def shards_for(pair: str, names: bool) -> Path:
     out = REPO / "shards" / f"dbp15k_{pair}{'_names' if names else ''}"
     if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "snag_dist", "prepare", str(DATA / pair), str(out), "--quiet"]
+        cmd = [sys.executable, "-m", "snag_dist", "prepare", str(DATA / pair), "--out", str(out), "--quiet"]
         subprocess.run(cmd + (["--text", "minilm"] if names else []), check=True)
     return out
 

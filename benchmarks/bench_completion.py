@@ -66,7 +66,7 @@ def shards_for(dataset: str, names: bool) -> Path:
     raw = DATASETS[dataset][0]
     out = REPO / "shards" / f"{dataset}{'_names' if names else ''}"
     if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "snag_dist", "prepare", str(raw), str(out), "--quiet"]
+        cmd = [sys.executable, "-m", "snag_dist", "prepare", str(raw), "--out", str(out), "--quiet"]
         subprocess.run(cmd + (["--text", "minilm"] if names else []), check=True)
     return out
 
@@ -82,10 +82,11 @@ def throughput(dataset: str, variant: str, extra: list[str], warmup: int, steps:
 
     from snag_dist.config import load_config
     from snag_dist.engine.optim import build_optimizer
+    from snag_dist.seeding import seed_torch
     from snag_dist.tasks.completion import CompletionTask
 
     cfg = load_config(DATASETS[dataset][1], overrides(dataset, variant, extra))
-    torch.manual_seed(cfg.train.seed)
+    seed_torch(cfg.train.seed)
     task = CompletionTask(cfg)
     module = task.module
     optimizer = build_optimizer(module, cfg.train.lr, cfg.train.weight_decay, cfg.train.embedding_lr_scale,

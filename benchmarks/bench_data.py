@@ -4,7 +4,7 @@ For each size (default 100K and 1M entities, ~5 triples per entity, synth's defa
 image/name/attribute plus the relation bag prepare derives: 4 modalities) it measures
 
 - ``synth`` wall time (in process);
-- ``prepare`` in a subprocess (``python -m snag_dist prepare SRC OUT --quiet``): wall time,
+- ``prepare`` in a subprocess (``python -m snag_dist prepare SRC --out OUT --quiet``): wall time,
   entities/s, MB/s of shards written and the child's own peak RSS (``os.wait4``);
 - streaming per process: MB/s of shard bytes and entities/s through ``EntityStream`` (in order and
   shuffled) with 0 DataLoader workers and with 2 workers (the ratio 2 vs 0 is printed: this
@@ -80,13 +80,13 @@ def median_of(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
 def run_prepare(src: Path, out: Path) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of one ``snag-dist prepare`` child process."""
     shutil.rmtree(out, ignore_errors=True)
-    return run_child([sys.executable, "-m", "snag_dist", "prepare", str(src), str(out), "--quiet"])
+    return run_child([sys.executable, "-m", "snag_dist", "prepare", str(src), "--out", str(out), "--quiet"])
 
 
 def run_synth(src: Path, n: int, triples: int, seed: int) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of one ``snag-dist synth`` child process (features are streamed)."""
     shutil.rmtree(src, ignore_errors=True)
-    return run_child([sys.executable, "-m", "snag_dist", "synth", str(src), "--entities", str(n),
+    return run_child([sys.executable, "-m", "snag_dist", "synth", "--out", str(src), "--entities", str(n),
                       "--triples", str(triples), "--seed", str(seed), "--quiet"])
 
 

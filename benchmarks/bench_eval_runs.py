@@ -31,7 +31,7 @@ from bench_scale import GIB, launch, run_train, shards_for, size  # noqa: E402
 
 def run_eval(run: Path, nproc: int, sets: list[str], out_json: Path) -> dict:
     ckpt = max((run / "checkpoints").iterdir(), key=lambda p: p.stat().st_mtime).name
-    args = ["eval", str(run), "--splits", "test", "--checkpoint", ckpt, "--json", str(out_json),
+    args = ["eval", str(run), "--splits", "test", "--checkpoint", ckpt, "--out", str(out_json),
             *[a for s in sets for a in ("--set", s)]]
     out_json.unlink(missing_ok=True)
     res = launch(args, nproc)

@@ -272,7 +272,7 @@ def ensure_synth(folder: Path, entities: int | None, seed: int) -> tuple[dict, f
     if entities is None:
         sys.exit(f"{folder} has no synth graph: pass --entities to write one")
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "snag_dist", "synth", str(folder), "--entities", str(entities),
+    subprocess.run([sys.executable, "-m", "snag_dist", "synth", "--out", str(folder), "--entities", str(entities),
                     "--triples", str(int(TRIPLES_PER_ENTITY * entities)), "--task", "completion",
                     "--modalities", STRUCTURE_ONLY, "--seed", str(seed), "--quiet"], check=True, cwd=ROOT)
     return json.loads(meta.read_text()), time.perf_counter() - start

@@ -50,9 +50,9 @@ def shards_for(work: Path, task: str, n: int) -> Path:
     if (out / "manifest.json").is_file():
         return out
     triples = int(4.5 * n) if task == "completion" else int(4.5 * n) * 2
-    subprocess.run([sys.executable, "-m", "snag_dist", "synth", str(raw), "--entities", str(n), "--triples",
+    subprocess.run([sys.executable, "-m", "snag_dist", "synth", "--out", str(raw), "--entities", str(n), "--triples",
                     str(triples), "--task", task, "--modalities", MODALITIES, "--quiet"], check=True, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "snag_dist", "prepare", str(raw), str(out), "--min-shards", "8",
+    subprocess.run([sys.executable, "-m", "snag_dist", "prepare", str(raw), "--out", str(out), "--min-shards", "8",
                     "--quiet"], check=True, cwd=ROOT)
     shutil.rmtree(raw, ignore_errors=True)
     return out

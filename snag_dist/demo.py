@@ -43,11 +43,11 @@ def main() -> int:
     rows: list[tuple[str, str]] = []
     t0 = time.perf_counter()
     for name, text in (("dbp15k_fr_en_mini", "minilm"), ("db15k_mini", "minilm")):
-        _run([*py, "prepare", str(SAMPLE / name), str(shards / name), "--text", text, "--overwrite", "--quiet"])
+        _run([*py, "prepare", str(SAMPLE / name), "--out", str(shards / name), "--text", text, "--overwrite", "--quiet"])
         _run([*py, "verify", str(shards / name), "--quiet"])
     report = out / "stream.json"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "snag_dist",
-          "stream", str(shards / "dbp15k_fr_en_mini"), "--workers", "2", "--out-json", str(report)],
+          "stream", str(shards / "dbp15k_fr_en_mini"), "--workers", "2", "--out", str(report)],
          env={"OMP_NUM_THREADS": "1"})
     stream = json.loads(report.read_text())[0]
     rows.append(("stream: 2 ranks x 2 workers", f"{stream['entities']:,} entities exactly once, "
@@ -73,7 +73,7 @@ def main() -> int:
         rows.append((f"completion test ({phase})", f"MRR {m['mrr']:.3f}  H@1 {m['hits@1']:.3f}  "
                      f"H@3 {m['hits@3']:.3f}  H@10 {m['hits@10']:.3f}"))
     shutil.rmtree(out / "export", ignore_errors=True)  # the demo is re-runnable
-    _run([*py, "export", str(run), str(out / "export")])
+    _run([*py, "export", str(run), "--out", str(out / "export")])
     rows.append(("exported embeddings", str(out / "export" / "embeddings.safetensors")))
     rows.append(("total time", f"{time.perf_counter() - t0:.0f} s"))
     print_rows("snag-dist demo (real DBP15K FR-EN / DB15K sample)", rows)

@@ -1,4 +1,4 @@
-"""``snag-dist export RUN_DIR OUT``: entity embeddings as safetensors + JSON, readable without snag_dist.
+"""``snag-dist export RUN_DIR --out OUT``: entity embeddings as safetensors + JSON, readable without snag_dist.
 
 ``OUT/embeddings.safetensors``: ``joint`` (N, M*H) test embedding (global modality weights),
 ``joint_attention`` (N, M*H) per-entity attention-weighted joint, ``modality.<m>`` (N, H) per

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from snag_dist.errors import DataError
-from snag_dist.fsio import atomic_write_json
 
 SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
@@ -102,11 +101,6 @@ def sha256_file(path: str | Path, block: int = 8 << 20) -> str:
         while chunk := fh.read(block):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """``data`` as indented JSON, written atomically (``fsio.atomic_write_json``; kept for its callers)."""
-    atomic_write_json(path, data, indent=1)
 
 
 def load_manifest(root: str | Path) -> Manifest:

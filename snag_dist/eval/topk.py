@@ -37,6 +37,7 @@ from torch import Tensor
 from snag_dist.errors import ConfigError
 from snag_dist.eval.metrics import DEFAULT_HITS, AlignmentRanks
 from snag_dist.eval.shards import shard_bounds
+from snag_dist.seeding import numpy_rng
 
 IndexKind = Literal["flat", "ivf", "ivf_sq8", "hnsw"]
 _MISS = math.inf  # rank of a gold entity outside the candidates
@@ -118,7 +119,7 @@ def _build(base: np.ndarray, k: int, spec: IndexSpec):
         # 39-point warning): the cells only route queries, and at 2 x 280K rows x 640 the default training
         # took longer than the searches.
         ivf.cp.niter = 10
-        rng = np.random.default_rng(spec.seed)
+        rng = numpy_rng(spec.seed)
         sample = base if n <= 40 * lists else base[np.sort(rng.choice(n, 40 * lists, replace=False))]
         ivf.train(sample)
         ivf.nprobe = min(lists, spec.probe)

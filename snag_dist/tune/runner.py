@@ -1,7 +1,7 @@
 """The search: a Ray Tune ``Tuner`` over trials of the engine, then the results table, best config and plots.
 
 Ray is local by default; with ``RAY_ADDRESS`` set (or ``ray start --head`` run on this machine) the
-Tuner joins that cluster. The experiment folder is ``--out``: Ray's state (so ``--resume`` can
+Tuner joins that cluster. The experiment folder is ``--out``: Ray's state (so ``--resume auto`` can
 ``Tuner.restore`` it), one folder per trial (``TRIAL/run`` is a normal run folder), ``results.csv``,
 ``best.yaml`` and ``plots/``.
 """
@@ -17,13 +17,14 @@ from typing import Any
 from snag_dist.config import Config, TuneConfig, replace, to_dict
 from snag_dist.errors import CheckpointError, ConfigError, TrainingError
 from snag_dist.tune.space import SearchSpace, apply, validate
-from snag_dist.tune.trainable import NO_FAULT, Fault
+from snag_dist.tune.trainable import OnReport
 
 # task name -> the class whose `metric` is its validation metric (hits@1 / mrr)
 _TASK_CLASSES = {"alignment": "snag_dist.tasks.alignment:AlignmentTask",
                  "completion": "snag_dist.tasks.completion:CompletionTask"}
 DRIVER_MEMORY = 64 * 2**20  # bytes Tune reserves for a multi-worker trial's driver (it takes no CPU)
 REDUCTION_FACTOR = 2  # ASHA keeps the top half at each rung (small searches need a gentle cut)
+TUNER_STATE = "tuner.pkl"  # Ray's experiment state in the experiment folder (what Tuner.restore reads)
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,18 @@ def trial_name(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _trainable(cfg: Config, space: SearchSpace, out: Path, fault: Fault):
+def holds_search(out: Path) -> bool:
+    """Whether ``out`` holds a search Ray can restore."""
+    return (out / TUNER_STATE).is_file()
+
+
+def _trainable(cfg: Config, space: SearchSpace, out: Path, on_report: OnReport | None):
     from ray import tune
 
     from snag_dist.tune.trainable import run_trial, run_trial_workers
 
-    tcfg, common = cfg.tune, {"base": to_dict(cfg), "fixed": space.fixed, "exp_dir": str(out), "fault": fault}
+    tcfg = cfg.tune
+    common = {"base": to_dict(cfg), "fixed": space.fixed, "exp_dir": str(out), "on_report": on_report}
     if tcfg.workers_per_trial == 1:
         bound = tune.with_parameters(run_trial, **common)
         return tune.with_resources(bound, {"cpu": tcfg.cpus_per_trial, "gpu": tcfg.gpus_per_trial})
@@ -105,19 +112,19 @@ def _trainable(cfg: Config, space: SearchSpace, out: Path, fault: Fault):
     return tune.with_resources(bound, {"cpu": 0, "memory": DRIVER_MEMORY})
 
 
-def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False, fault: Fault = NO_FAULT,
-                verbose: int = 1):
+def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False,
+                on_report: OnReport | None = None, verbose: int = 1):
     from ray import tune
 
     # Every report carries a checkpoint and num_to_keep forces a state snapshot: expected, not a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trainable = _trainable(cfg, space, out, fault)
+    trainable = _trainable(cfg, space, out, on_report)
     if resume:
         if not tune.Tuner.can_restore(str(out)):
-            raise CheckpointError(f"--resume: {out} holds no Ray Tune experiment to restore")
+            raise CheckpointError(f"{out} holds no Ray Tune experiment to restore")
         return tune.Tuner.restore(str(out), trainable, resume_unfinished=True, resume_errored=True)
-    if (out / "tuner.pkl").exists():
-        raise ConfigError(f"{out} already holds a search: pass --resume to continue it or choose another --out")
+    if holds_search(out):
+        raise ConfigError(f"{out} already holds a search: pass --resume auto to continue it or choose another --out")
     metric = task_metric(cfg)
     tcfg = cfg.tune
     tune_config = tune.TuneConfig(
@@ -137,11 +144,14 @@ def build_tuner(cfg: Config, space: SearchSpace, out: Path, resume: bool = False
     return tune.Tuner(trainable, param_space=space.to_ray(), tune_config=tune_config, run_config=run_config)
 
 
-def run_search(cfg: Config, space: SearchSpace, out: str | Path, resume: bool = False, fault: Fault = NO_FAULT,
-               verbose: int = 1, show: bool = True) -> TuneOutcome:
-    """Run (or resume) the search of ``space`` around ``cfg``; write results.csv, best.yaml and plots/.
+def run_search(cfg: Config, space: SearchSpace, out: str | Path, resume: bool = False,
+               on_report: OnReport | None = None, verbose: int = 1, show: bool = True) -> TuneOutcome:
+    """Run the search of ``space`` around ``cfg`` (``resume``: restore the one in ``out``); write
+    results.csv, best.yaml and plots/.
 
-    ``fault`` (testing hook) makes trials raise after reporting an epoch (exercises retries and restore).
+    ``on_report(trial_dir, metrics)`` (picklable: Ray ships it to the trials) runs in each trial after
+    every report, on the process that sent the checkpoint; what it raises fails the trial, which Tune
+    then retries from that checkpoint (``tune.max_failures``) or a later ``resume`` restores.
     """
     from snag_dist.tune import outputs
 
@@ -149,7 +159,7 @@ def run_search(cfg: Config, space: SearchSpace, out: str | Path, resume: bool = 
     cfg = absolute_paths(cfg)
     validate(space, cfg, cfg.tune.search)
     metric = task_metric(cfg)
-    grid = build_tuner(cfg, space, out, resume, fault, verbose).fit()
+    grid = build_tuner(cfg, space, out, resume, on_report, verbose).fit()
     rows = outputs.trial_rows(grid, cfg, space, metric)
     if not any(r["status"] != "error" for r in rows):
         first = next((r["error"] for r in rows if r["error"]), "no trial reported")

@@ -20,47 +20,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from snag_dist.config import Config, replace
 from snag_dist.config.load import build
-from snag_dist.errors import ConfigError
 from snag_dist.logging import LOGS, trim_jsonl
 from snag_dist.tune.space import apply
 
-FAULT_MARKER = "fault_injected"  # in the trial folder: how many injected faults fired so far
-
-
-@dataclass(frozen=True)
-class Fault:
-    """Testing hook: a trial raises after reporting epoch >= ``epoch``, ``times`` times in all (a retried
-    attempt raises again at its first report until the count is reached); only trials whose name ends
-    with ``trial`` (e.g. ``00000``, the first), every trial when empty. ``epoch`` 0 = off."""
-
-    epoch: int = 0
-    times: int = 1
-    trial: str = ""
-
-    def hits(self, trial_name: str, epochs: int, fired: int) -> bool:
-        return bool(self.epoch) and trial_name.endswith(self.trial) and epochs >= self.epoch and fired < self.times
-
-    @classmethod
-    def parse(cls, text: str) -> Fault:
-        """``EPOCH[:TIMES[:TRIAL]]`` (the SNAG_TUNE_FAULT environment variable)."""
-        parts = text.split(":") if text else ["0"]
-        try:
-            return cls(int(parts[0]), *([int(parts[1])] if len(parts) > 1 else []), *parts[2:3])
-        except ValueError:
-            raise ConfigError(f"fault spec '{text}' must be EPOCH[:TIMES[:TRIAL]] (integers, trial suffix)") from None
-
-
-NO_FAULT = Fault()
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the fault-injection hook (tests of retries from checkpoints)."""
+OnReport = Callable[[Path, dict[str, Any]], None]
+"""``on_report(trial_dir, metrics)``: called in a trial after each report (``Reporter``, ``runner.run_search``)."""
 
 
 def trial_config(base: dict[str, Any], fixed: dict[str, Any], params: dict[str, Any]) -> Config:
@@ -91,13 +61,14 @@ def restore(checkpoint_dir: Path | None, run_dir: Path) -> int:
 
 
 class Reporter:
-    """Engine callback: ``ray.tune.report`` every validation, with ``epoch_N`` (+ ``best``) as checkpoint."""
+    """Engine callback: ``ray.tune.report`` every validation, with ``epoch_N`` (+ ``best``) as checkpoint;
+    then ``on_report(trial_dir, metrics)`` if the search was given one (``runner.run_search``)."""
 
-    stages = True  # this process sends the checkpoint (and runs the fault hook)
+    stages = True  # this process sends the checkpoint (and calls on_report)
 
-    def __init__(self, run_dir: Path, trial_dir: Path, resumed_from: int, fault: Fault = NO_FAULT) -> None:
+    def __init__(self, run_dir: Path, trial_dir: Path, resumed_from: int, on_report: OnReport | None = None) -> None:
         self.run_dir, self.trial_dir = run_dir, trial_dir
-        self.resumed_from, self.fault = resumed_from, fault
+        self.resumed_from, self.on_report = resumed_from, on_report
 
     def metrics(self, info: dict[str, Any]) -> dict[str, Any]:
         metrics = {k: v for k, v in info.items() if k != "checkpoint"}
@@ -115,8 +86,8 @@ class Reporter:
                 self.report(metrics, stage)
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
-        if self.stages:
-            self._maybe_fail(metrics["epochs"])
+        if self.stages and self.on_report is not None:
+            self.on_report(self.trial_dir, metrics)
 
     def report(self, metrics: dict[str, Any], stage: Path | None) -> None:
         from ray import tune
@@ -130,16 +101,9 @@ class Reporter:
         if (best / "model.safetensors").is_file():
             shutil.copytree(best, stage / "best", copy_function=os.link)
 
-    def _maybe_fail(self, epochs: int) -> None:
-        marker = self.trial_dir / FAULT_MARKER
-        fired = int(marker.read_text().split()[0]) if marker.is_file() else 0
-        if self.fault.hits(self.trial_dir.name, epochs, fired):
-            marker.write_text(f"{fired + 1} {epochs}")
-            raise InjectedFault(f"injected fault {fired + 1}/{self.fault.times} after epoch {epochs}")
-
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any], exp_dir: str,
-              fault: Fault = NO_FAULT) -> None:
+              on_report: OnReport | None = None) -> None:
     """Ray Tune function trainable (bind the rest with ``tune.with_parameters``).
 
     The trial folder is named from the experiment folder and the trial name (the runner makes the
@@ -159,7 +123,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any
     else:
         with checkpoint.as_directory() as src:
             resumed_from = restore(Path(src), run_dir)
-    reporter = Reporter(run_dir, trial_dir, resumed_from, fault)
+    reporter = Reporter(run_dir, trial_dir, resumed_from, on_report)
     train(cfg, run_dir, resume=resumed_from > 0, progress=False, callbacks=[reporter])
 
 
@@ -168,11 +132,11 @@ TRAIN_RUN = "train"  # Ray Train's run folder (its checkpoints and state) in the
 
 class WorkerReporter(Reporter):
     """In a Ray Train worker: every rank calls ``ray.train.report`` (a barrier across workers); rank 0
-    passes the checkpoint and runs the fault hook. ``world_size`` is the process group the engine used."""
+    passes the checkpoint and calls on_report. ``world_size`` is the process group the engine used."""
 
-    def __init__(self, run_dir: Path, trial_dir: Path, resumed_from: int, fault: Fault, rank: int,
+    def __init__(self, run_dir: Path, trial_dir: Path, resumed_from: int, on_report: OnReport | None, rank: int,
                  world_size: int) -> None:
-        super().__init__(run_dir, trial_dir, resumed_from, fault)
+        super().__init__(run_dir, trial_dir, resumed_from, on_report)
         self.stages, self.world_size = rank == 0, world_size
 
     def metrics(self, info: dict[str, Any]) -> dict[str, Any]:
@@ -205,12 +169,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 restore(Path(src), run_dir)
     dist.barrier()
     resumed_from = restored_epochs(run_dir) if checkpoint is not None else 0
-    reporter = WorkerReporter(run_dir, trial_dir, resumed_from, loop_config["fault"], rank, dist.get_world_size())
+    reporter = WorkerReporter(run_dir, trial_dir, resumed_from, loop_config["on_report"], rank,
+                              dist.get_world_size())
     train(cfg, run_dir, resume=resumed_from > 0, progress=False, callbacks=[reporter])
 
 
 def run_trial_workers(params: dict[str, Any], base: dict[str, Any], fixed: dict[str, Any], exp_dir: str,
-                      fault: Fault = NO_FAULT, workers: int = 2, cpus: float = 1.0, gpus: float = 0.0) -> None:
+                      on_report: OnReport | None = None, workers: int = 2, cpus: float = 1.0,
+                      gpus: float = 0.0) -> None:
     """Ray Tune function trainable of a multi-worker trial: it drives a ``TorchTrainer`` of ``workers``
     processes (``cpus``/``gpus`` each; gloo on CPU, nccl on GPU) and needs no resources itself.
 
@@ -228,7 +194,7 @@ def run_trial_workers(params: dict[str, Any], base: dict[str, Any], fixed: dict[
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"params": params, "base": base, "fixed": fixed, "trial_dir": str(trial_dir),
-                           "fault": fault},
+                           "on_report": on_report},
         torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
                                                resources_per_worker=per_worker),

@@ -43,14 +43,14 @@ def one_line_error(capsys, argv: list[str], *needles: str) -> str:
 
 def prepare_fails(capsys, src: Path, tmp_path: Path, *needles: str, extra: tuple[str, ...] = ()) -> str:
     out = tmp_path / "out"
-    err = one_line_error(capsys, ["prepare", str(src), str(out), "--quiet", *extra], *needles)
+    err = one_line_error(capsys, ["prepare", str(src), "--out", str(out), "--quiet", *extra], *needles)
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]
     return err
 
 
 def prepare_ok(capsys, src: Path, out: Path, *extra: str) -> dict:
-    code, err = run(capsys, "prepare", str(src), str(out), "--quiet", *extra)
+    code, err = run(capsys, "prepare", str(src), "--out", str(out), "--quiet", *extra)
     assert code == 0, err
     return json.loads((out / "manifest.json").read_text())
 
@@ -209,7 +209,7 @@ def test_mask_nonfinite_treats_entities_as_missing(tmp_path, capsys):
     image[absent, 2] = np.nan  # a row the presence mask already marks missing: ignored either way
     np.save(src / "features" / "image.npy", image)
     out = tmp_path / "out"
-    code, err = run(capsys, "prepare", str(src), str(out), "--quiet", "--mask-nonfinite")
+    code, err = run(capsys, "prepare", str(src), "--out", str(out), "--quiet", "--mask-nonfinite")
     assert code == 0, err
     assert "3 entities" in err and "image" in err and len(err.splitlines()) == 1, err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -343,7 +343,7 @@ def test_stale_temp_folder_of_killed_prepare_is_removed(tmp_path, capsys):
             folder.mkdir()
             (folder / "entities").mkdir()
             (folder / "entities" / "entities-000000.tar").write_bytes(b"x" * 4096)
-        code, err = run(capsys, "prepare", str(src), str(tmp_path / "out"), "--quiet")
+        code, err = run(capsys, "prepare", str(src), "--out", str(tmp_path / "out"), "--quiet")
         assert code == 0, err
         assert not stale_old.exists() and not stale_new.exists()
         assert live.is_dir() and other.is_dir()
@@ -375,7 +375,7 @@ def test_really_killed_prepare_is_cleaned_by_the_next(tmp_path, capsys):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    code, err = run(capsys, "prepare", str(src), str(out), "--quiet")
+    code, err = run(capsys, "prepare", str(src), "--out", str(out), "--quiet")
     assert code == 0, err
     assert not list(tmp_path.glob(".out.*")), list(tmp_path.iterdir())
     assert "stale temp folder" in err and str(proc.pid) in err, err
@@ -410,8 +410,8 @@ def test_out_that_is_a_regular_file(tmp_path, capsys, verb, where):
     blocker = tmp_path / "afile"
     blocker.write_text("mine")
     out = blocker if where == "file" else blocker / "sub"
-    args = [verb, str(src), str(out)] if verb == "prepare" else \
-        [verb, str(out), "--entities", "50", "--triples", "100"]
+    args = [verb, str(src), "--out", str(out)] if verb == "prepare" else \
+        [verb, "--out", str(out), "--entities", "50", "--triples", "100"]
     one_line_error(capsys, [*args, "--quiet"], "afile")
     assert blocker.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "align"]
@@ -422,7 +422,8 @@ def test_overwrite_does_not_replace_a_regular_file(tmp_path, capsys):
     write_alignment(src)
     blocker = tmp_path / "afile"
     blocker.write_text("mine")
-    one_line_error(capsys, ["prepare", str(src), str(blocker), "--overwrite", "--quiet"], "afile", "not a directory")
+    one_line_error(capsys, ["prepare", str(src), "--out", str(blocker), "--overwrite", "--quiet"], "afile",
+                   "not a directory")
     assert blocker.read_text() == "mine"
 
 
@@ -531,6 +532,6 @@ def test_prepare_into_unwritable_parent(tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        one_line_error(capsys, ["prepare", str(src), str(locked / "out"), "--quiet"], str(locked))
+        one_line_error(capsys, ["prepare", str(src), "--out", str(locked / "out"), "--quiet"], str(locked))
     finally:
         locked.chmod(0o755)

@@ -94,7 +94,7 @@ def test_prepare_bad_input(case, tmp_path, capsys):
         (align / "features" / "attr.pkl").write_bytes(b"\x80\x04\x95garbage")
         needles, extra = ["attr.pkl", "not a readable pickle"], ["--allow-pickle"]
     out = tmp_path / "out"
-    assert_one_line_error(capsys, ["prepare", str(src), str(out), "--quiet", *extra], *needles)
+    assert_one_line_error(capsys, ["prepare", str(src), "--out", str(out), "--quiet", *extra], *needles)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -123,7 +123,7 @@ def test_existing_output_is_not_clobbered(align_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_one_line_error(capsys, ["prepare", str(src), str(out), "--quiet"], str(out), "--overwrite")
+    assert_one_line_error(capsys, ["prepare", str(src), "--out", str(out), "--quiet"], str(out), "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -135,9 +135,11 @@ def test_cli_subprocess_exit_code_and_single_line(tmp_path):
 
 def test_bad_prepare_option_value(align_dir, tmp_path, capsys):
     src, _ = align_dir
-    assert_one_line_error(capsys, ["prepare", str(src), str(tmp_path / "o"), "--text", "bert", "--quiet"],
+    assert_one_line_error(capsys, ["prepare", str(src), "--out", str(tmp_path / "o"), "--text", "bert",
+                                   "--quiet"],
                           "--text", "'bert'")
-    assert_one_line_error(capsys, ["prepare", str(src), str(tmp_path / "o"), "--train-ratio", "1.5", "--quiet"],
+    assert_one_line_error(capsys, ["prepare", str(src), "--out", str(tmp_path / "o"), "--train-ratio", "1.5",
+                                   "--quiet"],
                           "--train-ratio", "1.5")
     assert not (tmp_path / "o").exists()
 
@@ -154,7 +156,7 @@ def test_cli_options_show_their_choices_and_synth_speaks_task_names(tmp_path, ca
     prepare_help, synth_help = sub["prepare"].format_help(), sub["synth"].format_help()
     assert "{none,minilm,chargram}" in prepare_help and "{float16,float32}" in prepare_help
     assert "{alignment,completion}" in synth_help and "mkgc" not in synth_help
-    assert main(["synth", str(tmp_path / "s"), "--entities", "60", "--triples", "240", "--task", "completion",
+    assert main(["synth", "--out", str(tmp_path / "s"), "--entities", "60", "--triples", "240", "--task", "completion",
                  "--modalities", "image:4:0.5", "--quiet"]) == 0
     assert (tmp_path / "s" / "train.txt").is_file()
 
@@ -169,6 +171,7 @@ def test_prepare_cli_defaults_are_prepare_options_defaults(monkeypatch, tmp_path
     seen = []
     monkeypatch.setattr(prep, "prepare", lambda src, out, opts, show_progress: seen.append(opts))
     monkeypatch.setattr(report, "print_manifest", lambda *a: None)
-    assert main(["prepare", str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"]) == 0
-    assert main(["prepare", str(tmp_path / "in"), str(tmp_path / "out"), "--seed", "3", "--mask-nonfinite"]) == 0
+    assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert main(["prepare", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--seed", "3",
+                 "--mask-nonfinite"]) == 0
     assert seen == [prep.PrepareOptions(), dataclasses.replace(prep.PrepareOptions(), seed=3, mask_nonfinite=True)]

@@ -25,7 +25,7 @@ def test_two_processes_two_workers_exactly_once(align_dir, tmp_path):
     assert all(len(v) >= 4 for v in manifest.shards.values() if sum(s.rows for s in v) >= 4)
     report = tmp_path / "report.json"
     res = torchrun("stream", str(out), "--epochs", "2", "--workers", "2", "--batch-size", "5",
-                   "--out-json", str(report))
+                   "--out", str(report))
     assert res.returncode == 0, res.stderr[-3000:]
     epochs = json.loads(report.read_text())
     assert [e["entities"] for e in epochs] == [truth["n"], truth["n"]]

@@ -311,7 +311,7 @@ def test_unknown_entity_or_relation_is_a_prepare_error(case, tmp_path, capsys):
     with open(src / split, "a") as fh:
         fh.write(line)
     out = tmp_path / "out"
-    assert main(["prepare", str(src), str(out), "--quiet", "--text", "chargram"]) == 1
+    assert main(["prepare", str(src), "--out", str(out), "--quiet", "--text", "chargram"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     for needle in needles:

@@ -18,8 +18,8 @@ from snag_dist.config import load_config
 from snag_dist.data.prepare import PrepareOptions, prepare
 from snag_dist.tune import load_space, validate
 from snag_dist.tune.runner import run_search
-from snag_dist.tune.trainable import FAULT_MARKER, NO_FAULT, Fault
 from tests.conftest import ROOT, SAMPLE
+from tests.tune.faults import FAULT_MARKER, Fault
 
 EPOCHS = 4
 TINY = {"train.eval_every": 1, "train.batch_size": 512, "model.hidden": 32,
@@ -38,9 +38,9 @@ def write_space(path: Path, params: dict, **fixed) -> Path:
     return path
 
 
-def search(space: Path, shards: Path, out: Path, *sets: str, fault: Fault = NO_FAULT, resume: bool = False):
+def search(space: Path, shards: Path, out: Path, *sets: str, fault: Fault | None = None, resume: bool = False):
     cfg = load_config("quickstart", [f"data.shards={shards}", *sets])
-    return run_search(cfg, load_space(space), out, resume=resume, fault=fault, verbose=0, show=False)
+    return run_search(cfg, load_space(space), out, resume=resume, on_report=fault, verbose=0, show=False)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from snag_dist.tune.trainable import FAULT_MARKER, NO_FAULT, TRAIN_RUN, Fault
+from snag_dist.tune.trainable import TRAIN_RUN
+from tests.tune.faults import FAULT_MARKER, Fault
 from tests.tune.test_tune import search, shards, write_space  # noqa: F401  (shards: module fixture)
 
 EPOCHS = 2
@@ -28,7 +29,7 @@ EPOCHS = 2
 LONG = pytest.mark.skipif(not os.environ.get("SNAG_LONG_TESTS"), reason="long test: set SNAG_LONG_TESTS=1")
 
 
-@pytest.mark.parametrize("fault", [NO_FAULT, pytest.param(Fault(epoch=1, times=1), marks=[pytest.mark.slow, LONG])],
+@pytest.mark.parametrize("fault", [None, pytest.param(Fault(epoch=1, times=1), marks=[pytest.mark.slow, LONG])],
                          ids=["plain", "retried"])
 def test_two_worker_trial_reports_every_evaluation_with_world_size_2(fault, shards, tmp_path):  # noqa: F811
     import ray
@@ -49,9 +50,9 @@ def test_two_worker_trial_reports_every_evaluation_with_world_size_2(fault, shar
     # Every evaluation reached Tune (rank 0's metrics through TuneReportCallback), from a 2-rank process
     # group; a retried trial continued from the checkpoint of epoch 1: no epoch trained twice.
     assert [int(p["epochs"]) for p in progress] == list(range(1, EPOCHS + 1)), progress
-    assert [int(p["resumed_from"]) for p in progress] == ([0, 1] if fault.epoch else [0, 0])
+    assert [int(p["resumed_from"]) for p in progress] == ([0, 1] if fault else [0, 0])
     assert all(int(p["world_size"]) == 2 and float(p["hits@1"]) > 0 for p in progress)
-    if fault.epoch:
+    if fault:
         assert (trial / FAULT_MARKER).read_text() == "1 1"  # raised once, after epoch 1
     assert (trial / TRAIN_RUN / "checkpoint_manager_snapshot.json").is_file()  # Ray Train's run of the trial
     evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
