@@ -78,7 +78,6 @@ def overrides(dataset: str, variant: str, extra: list[str]) -> list[str]:
 
 # -- throughput (in-process) -------------------------------------------------------------------
 def throughput(dataset: str, variant: str, extra: list[str], warmup: int, steps: int) -> dict:
-    import torch
 
     from snag_dist.config import load_config
     from snag_dist.engine.optim import build_optimizer
