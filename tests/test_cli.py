@@ -46,7 +46,7 @@ def test_every_option_has_help_and_closed_choices_are_shown(verb):
 
 def test_options_checked_outside_argparse_list_their_closed_values():
     """prepare --text/--dtype are validated by PrepareOptions (one-line errors): their metavar lists the values."""
-    from snag_dist.data.text import TEXT_ENCODERS
+    from snag_dist.data.name_encoder import TEXT_ENCODERS
 
     text = PARSERS["prepare"].format_help()
     assert "{" + ",".join(TEXT_ENCODERS) + "}" in text and "{float16,float32}" in text
