@@ -53,6 +53,16 @@ class SelfAttention(nn.Module):
 
     def forward(self, h_EMH: torch.Tensor, present_EM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e, m, hid = h_EMH.shape
+        if m == 1 and not (self.training and self.dropout.p > 0):
+            # One token (e.g. structure only): the softmax over a single key is exactly 1 whether the
+            # key is present or masked, so the context is the value itself, bit for bit, and the query
+            # and key gradients are exactly 0. Skipping them saves two matmuls and the per-head products.
+            return self.value(h_EMH), h_EMH.new_ones(e, self.heads, 1, 1)
+        return self.attend(h_EMH, present_EM)
+
+    def attend(self, h_EMH: torch.Tensor, present_EM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The general path: scaled dot-product attention of every token over the present ones."""
+        e, m, hid = h_EMH.shape
 
         def split(t: torch.Tensor) -> torch.Tensor:  # (E, M, H) -> (E, K, M, H/K)
             return t.view(e, m, self.heads, self.head_dim).transpose(1, 2)

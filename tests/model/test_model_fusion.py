@@ -79,3 +79,29 @@ def test_config_errors():
         build_fusion(make_cfg(fusion="gru"), M)
     with pytest.raises(ConfigError, match="divisible"):
         TransformerFusion(make_cfg(hidden=10, fusion_heads=3), M)
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_single_token_attention_skips_query_and_key_bit_for_bit(present):
+    """One token: the shortcut equals the full attention exactly, outputs and value gradients."""
+    from snag_dist.model.fusion import SelfAttention
+
+    torch.manual_seed(0)
+    att = SelfAttention(16, 2, dropout=0.0)
+    h = torch.randn(37, 1, 16, requires_grad=True)
+    mask = torch.full((37, 1), present)
+    fast, probs = att(h, mask)
+    slow, slow_probs = att.attend(h, mask)
+    assert torch.equal(fast, slow) and torch.equal(probs, slow_probs)
+    g = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad(fast, [h, att.value.weight], g)
+    grads_slow = torch.autograd.grad(slow, [h, att.value.weight, att.query.weight], g)
+    assert torch.equal(grads_fast[0], grads_slow[0]) and torch.equal(grads_fast[1], grads_slow[1])
+    assert not grads_slow[2].any()  # the query gets exactly no gradient on the full path either
+    att.train()
+    att.dropout.p = 0.5  # with attention dropout the single weight is not 1: the full path runs
+    torch.manual_seed(1)
+    a, _ = att(h, mask)
+    torch.manual_seed(1)
+    b, _ = att.attend(h, mask)
+    assert torch.equal(a, b)
