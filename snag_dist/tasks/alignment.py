@@ -42,8 +42,7 @@ from snag_dist.model.snag import SNAG, SnagOutput
 from snag_dist.seeding import generator
 from snag_dist.tasks.alignment_losses import AlignmentLoss
 from snag_dist.tasks.base import Comm, LocalComm, Phase
-from snag_dist.tasks.completion import set_structure_noise_stats
-from snag_dist.tasks.inputs import StreamInputs, build_inputs
+from snag_dist.tasks.inputs import StreamInputs, build_inputs, set_structure_noise_stats
 
 
 class AlignmentModule(nn.Module):

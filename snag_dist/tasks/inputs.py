@@ -225,6 +225,16 @@ class StreamInputs:
         return chunk
 
 
+def set_structure_noise_stats(model: SNAG, table: ShardedTable) -> None:
+    """GMNM's structure statistics from the sharded table (the full path takes them from its
+    nn.Embedding in ``resample_noise``): per-dimension mean/std summed over every rank's rows."""
+    noise = model.noise
+    if noise is None or STRUCTURE not in noise.names:
+        return
+    mean, std = table.moments()
+    noise.set_stats(STRUCTURE, mean, std)
+
+
 def build_inputs(cfg: Config, comm: Comm, device: torch.device, rows_group: str
                  ) -> tuple[Manifest, ModelSpec, SNAG, FullGraphInputs | StreamInputs]:
     """The model and its input path for ``cfg.data.mode`` (``auto`` resolved by ``resolve_mode``)."""
