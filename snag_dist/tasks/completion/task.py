@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from snag_dist.config import Config
+from snag_dist.config import CompletionConfig, Config
 from snag_dist.data.epoch_stream import EpochRows
 from snag_dist.data.stream import read_all_rows
 from snag_dist.errors import DataError
@@ -33,7 +33,7 @@ from snag_dist.eval.filtered_sharded import FileRows, full_filtered_ranks, sampl
 from snag_dist.eval.metrics import rank_stats
 from snag_dist.eval.shards import QueryShard, shard_bounds
 from snag_dist.seeding import generator
-from snag_dist.tasks.base import Comm, LocalComm, Phase
+from snag_dist.tasks.base import Comm, LocalComm, Phase, TaskContext
 from snag_dist.tasks.completion.module import CompletionModule
 from snag_dist.tasks.completion.negatives import (
     CompletionBatch,
@@ -47,19 +47,30 @@ from snag_dist.tasks.completion.rotate import (
     compiled_for_ranking,
     compiled_for_training,
 )
-from snag_dist.tasks.inputs import StreamInputs, build_inputs, set_structure_noise_stats
+from snag_dist.tasks.inputs import StreamInputs, build_inputs, resample_noise
+
+
+def selection_metric(candidates: int) -> str:
+    """Validation MRR, under the sampled protocol's name when ``eval.completion_candidates`` is set."""
+    return "mrr" if candidates == 0 else f"sampled-{candidates}/mrr"
 
 
 class CompletionTask:
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                 comm: Comm | None = None) -> None:
-        self.cfg, self.rank, self.world = cfg, rank, world_size
+    @classmethod
+    def from_config(cls, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                    comm: Comm | None = None) -> CompletionTask:
+        """The task of a whole config: its ``task.completion`` section and ``TaskContext.from_config(cfg)``."""
+        return cls(cfg.task.completion, TaskContext.from_config(cfg), rank, world_size, device, comm=comm)
+
+    def __init__(self, ccfg: CompletionConfig, context: TaskContext, rank: int = 0, world_size: int = 1,
+                 device: torch.device | None = None, comm: Comm | None = None) -> None:
+        self.ccfg, self.context, self.rank, self.world = ccfg, context, rank, world_size
         self.comm = comm or LocalComm()
-        self.ccfg = cfg.task.completion
         self.device = device or torch.device("cpu")
-        root = Path(cfg.data.shards)
-        manifest, spec, model, self.inputs = build_inputs(cfg, self.comm, self.device, "triples/train")
+        data, train_fields = context.data, context.train
+        root = Path(data.shards)
+        manifest, spec, model, self.inputs = build_inputs(context, self.comm, self.device, "triples/train")
         if manifest.task != "completion":
             raise DataError(f"{root}: shards are for '{manifest.task}', config task is completion")
         self.stream = isinstance(self.inputs, StreamInputs)
@@ -72,15 +83,15 @@ class CompletionTask:
             raise DataError(f"{root}: no training triples")
         self.module = CompletionModule(model, self.ccfg, self.num_relations)
         self.module.inputs = self.inputs
-        local = math.ceil(cfg.train.batch_size / world_size)
+        local = math.ceil(train_fields.batch_size / world_size)
         self.chunk = min(self.ccfg.negative_chunk, local)
         if self.stream:
-            self.rows = EpochRows(root, "triples/train", batch_size=cfg.train.batch_size, rank=rank,
-                                  world_size=world_size, splits=cfg.data.stream_splits, workers=cfg.data.num_workers,
-                                  seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+            self.rows = EpochRows(root, "triples/train", batch_size=train_fields.batch_size, rank=rank,
+                                  world_size=world_size, splits=data.stream_splits, workers=data.num_workers,
+                                  seed=train_fields.seed, shuffle_buffer=data.shuffle_buffer)
             self.chunk = min(self.ccfg.negative_chunk, self.rows.part)
             self.rows.align(self.chunk)  # parts of whole negative groups
-            self.train_known, self.known, self.p_head = triple_index(root, cfg.data.store_dir, manifest, self.comm,
+            self.train_known, self.known, self.p_head = triple_index(root, data.store_dir, manifest, self.comm,
                                                                      self.ccfg.corruption)
         else:
             train = self.triples["train"]
@@ -99,7 +110,7 @@ class CompletionTask:
         self.reduce_sum = self.comm.reduce_sum if self.comm.active else None
         # Every step uses the same (groups, chunk) shape, the last batch padded: one compilation.
         self.module.rotate.groups = math.ceil(local / self.chunk)
-        steps = self.steps_per_epoch() * cfg.train.epochs
+        steps = self.steps_per_epoch() * train_fields.epochs
         self.module.rotate.kernel = DistanceKernel(compiled_for_training(self.ccfg.kernel, steps))
 
     def attach(self, comm: Comm) -> None:
@@ -115,8 +126,8 @@ class CompletionTask:
         if self.stream:
             steps = self.rows.steps(0)
         else:
-            steps = max(1, math.ceil(len(self.triples["train"]) / self.cfg.train.batch_size))
-        cap = self.cfg.train.steps_per_epoch
+            steps = max(1, math.ceil(len(self.triples["train"]) / self.context.train.batch_size))
+        cap = self.context.train.steps_per_epoch
         return min(steps, cap) if cap else steps
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[CompletionBatch]:
@@ -124,9 +135,9 @@ class CompletionTask:
             yield from self._stream_batches(epoch, start)
             return
         train = self.triples["train"]
-        order = torch.randperm(len(train), generator=generator(self.cfg.train.seed, epoch))
-        neg_gen = generator(self.cfg.train.seed, epoch, self.rank)
-        bs = self.cfg.train.batch_size
+        order = torch.randperm(len(train), generator=generator(self.context.train.seed, epoch))
+        neg_gen = generator(self.context.train.seed, epoch, self.rank)
+        bs = self.context.train.batch_size
         for step, begin in enumerate(range(0, len(train), bs)):
             if step >= self.steps_per_epoch():
                 return
@@ -141,7 +152,7 @@ class CompletionTask:
     def _stream_batches(self, epoch: int, start: int) -> Iterator[CompletionBatch]:
         """This rank's splits' parts; negatives seeded by (seed, epoch, step, split), so a part draws
         the same negatives whichever process reads it."""
-        seed, total = self.cfg.train.seed, self.steps_per_epoch()
+        seed, total = self.context.train.seed, self.steps_per_epoch()
         global_rows = self.rows.global_rows(epoch)
         for step, local in enumerate(self.rows.local_steps(epoch, start), start=start):
             if step >= total:
@@ -162,30 +173,27 @@ class CompletionTask:
 
     # -- hooks --------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, module: nn.Module, phase: Phase) -> None:
-        module.model.resample_noise(epoch, self.cfg.train.seed)
-        if self.table is not None:
-            set_structure_noise_stats(module.model, self.table)
+        resample_noise(module.model, self.table, epoch, self.context.train.seed)
 
     @staticmethod
     def metric_for(cfg: Config) -> str:
         """The selection metric of a run of ``cfg`` (what the engine and `snag-dist tune` maximise)."""
-        k = cfg.eval.completion_candidates
-        return "mrr" if k == 0 else f"sampled-{k}/mrr"
+        return selection_metric(cfg.eval.completion_candidates)
 
     @property
     def metric(self) -> str:
-        return self.metric_for(self.cfg)
+        return selection_metric(self.context.eval.completion_candidates)
 
     def evaluate(self, module: CompletionModule, split: str) -> dict[str, float | str]:
         triples = self.triples[split]
         if len(triples) == 0:
             extra = " not in train (task.completion.dedupe_valid)" if split == "valid" and self.ccfg.dedupe_valid else ""
             raise DataError(f"no '{split}' triples{extra} to evaluate on")
-        limit = self.cfg.eval.max_queries
+        limit = self.context.eval.max_queries
         if limit and limit < len(triples):
             triples = triples[:limit]
         start, self._embed_seconds = time.perf_counter(), math.nan
-        if self.stream or self.cfg.eval.completion_candidates:
+        if self.stream or self.context.eval.completion_candidates:
             stats, protocol = self._evaluate_sharded(module, triples)
         else:
             stats, protocol = self._evaluate_gathered(module, triples), "full-filtered"
@@ -208,7 +216,7 @@ class CompletionTask:
         compiled = compiled_for_ranking(self.ccfg.kernel, 2.0 * len(triples) * n * d)
         scorer = RotatEScorer(module.rotate, table, compiled)
         # Queries per chunk: eval.chunk_size, capped so one (chunk, N) score block stays near 256 MB.
-        chunk = max(1, min(self.cfg.eval.chunk_size, (1 << 26) // n))
+        chunk = max(1, min(self.context.eval.chunk_size, (1 << 26) // n))
         shard = QueryShard(self.comm.rank, self.comm.world_size) if self.reduce_sum is not None else None
         stats = filtered_rank_stats(scorer, triples, self.known, chunk, "realistic", shard=shard)
         if shard is not None:
@@ -230,7 +238,7 @@ class CompletionTask:
         from snag_dist.data.store import partition_range
 
         lo, hi = partition_range(self.num_entities, self.comm.rank, self.comm.world_size)
-        limit = self.cfg.eval.spill_mib
+        limit = self.context.eval.spill_mib
         return limit > 0 and (hi - lo) * 2 * module.rotate.dim * 4 > limit * 2**20
 
     def _rank_sharded(self, module: CompletionModule, mine: torch.Tensor | FileRows, triples: torch.Tensor,
@@ -244,12 +252,12 @@ class CompletionTask:
         def block_score(anchor: torch.Tensor, rel: torch.Tensor, predict_head: bool, cand: torch.Tensor) -> torch.Tensor:
             return RotatEScorer(module.rotate, cand, compiled).score_vectors(anchor, rel, predict_head)
 
-        k = self.cfg.eval.completion_candidates
+        k = self.context.eval.completion_candidates
         if k:
             ranks = sampled_filtered_ranks(block_score, mine, triples[lo:hi], lo, self.known, k,
-                                           self.cfg.train.seed, comm)
+                                           self.context.train.seed, comm)
         else:
-            chunk = max(1, min(self.cfg.eval.chunk_size, 1024))
+            chunk = max(1, min(self.context.eval.chunk_size, 1024))
             block = max(256, (1 << 26) // (chunk * comm.world_size))  # one (chunk, W x block) score block ~256 MB
             ranks = full_filtered_ranks(block_score, mine, triples[lo:hi], self.known, chunk, block, comm)
         stats = {"head": rank_stats(ranks.head, COMPLETION_HITS), "tail": rank_stats(ranks.tail, COMPLETION_HITS)}
@@ -259,7 +267,7 @@ class CompletionTask:
     def _entity_table(self, module: CompletionModule) -> torch.Tensor:
         """(N, 2D) vectors of every entity on every rank (the full path's gathered evaluation)."""
         return self.comm.gather_rows(self._my_vectors(module)) if self.stream else module.entity_table(
-            self.cfg.eval.chunk_size)
+            self.context.eval.chunk_size)
 
     def _my_vectors(self, module: CompletionModule, spill: Path | None = None) -> torch.Tensor | FileRows:
         """This rank's contiguous block of the (N, 2D) entity vectors (`partition_range`), in memory or,
@@ -269,7 +277,7 @@ class CompletionTask:
         from snag_dist.data.store import partition_range
 
         lo, hi = partition_range(self.num_entities, self.comm.rank, self.comm.world_size)
-        chunk, width = self.cfg.eval.chunk_size, 2 * module.rotate.dim
+        chunk, width = self.context.eval.chunk_size, 2 * module.rotate.dim
         if not self.stream:
             mine = module.entity_table(chunk)[lo:hi]
             return mine if spill is None else FileRows.write(spill, [mine], width, mine.device)
