@@ -28,7 +28,7 @@ def main() -> None:
     if cfg.engine.keep_freed_memory:  # as `snag-dist train` does
         keep_freed_memory()
     seed_torch(0)
-    task = AlignmentTask(cfg)
+    task = AlignmentTask.from_config(cfg)
     opt = build_optimizer(task.module, cfg.train.lr, cfg.train.weight_decay)
     times, cpu_times = [], []
     for epoch in range(3):

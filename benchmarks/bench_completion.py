@@ -86,7 +86,7 @@ def throughput(dataset: str, variant: str, extra: list[str], warmup: int, steps:
 
     cfg = load_config(DATASETS[dataset][1], overrides(dataset, variant, extra))
     seed_torch(cfg.train.seed)
-    task = CompletionTask(cfg)
+    task = CompletionTask.from_config(cfg)
     module = task.module
     optimizer = build_optimizer(module, cfg.train.lr, cfg.train.weight_decay, cfg.train.embedding_lr_scale,
                                 cfg.train.lr_scales)

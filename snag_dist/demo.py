@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from snag_dist.engine.registry import BACKENDS
 from snag_dist.report import print_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--epochs", type=int, default=0, help="override the preset's epochs (0 = keep)")
-    ap.add_argument("--backend", choices=["accelerate", "deepspeed"], default="accelerate",
+    ap.add_argument("--backend", choices=BACKENDS.names(), default="accelerate",
                     help="engine.backend of the two training runs")
     ap.add_argument("--nproc", type=int, default=2, help="training processes (torchrun, gloo on CPU)")
     args = ap.parse_args()

@@ -21,10 +21,9 @@ from safetensors.torch import save_file
 
 from snag_dist.config import load_config, to_dict
 from snag_dist.engine.checkpoint import load_checkpoint, load_rank_files
-from snag_dist.engine.run import find_checkpoint, load_model_state
+from snag_dist.engine.run import build_task, find_checkpoint, load_model_state
 from snag_dist.errors import CheckpointError, DataError
 from snag_dist.fsio import atomic_dir
-from snag_dist.tasks.registry import TASKS
 
 
 @torch.no_grad()
@@ -54,7 +53,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best
     cfg = load_config(str(run_dir / "config.yaml"))
     path = find_checkpoint(run_dir, checkpoint)
     model_state, _, _ = load_checkpoint(path)
-    task = TASKS.get(cfg.task.name)(cfg, 0, 1, torch.device("cpu"))
+    task = build_task(cfg, 0, 1, torch.device("cpu"))
     load_model_state(task.module, model_state, path)
     if getattr(task, "table", None) is not None:  # stream path: the table's rows from every rank's file
         task.table.load_shards(load_rank_files(path, "table"))

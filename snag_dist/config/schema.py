@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import AfterValidator, ConfigDict, Field
 from pydantic.dataclasses import dataclass
+
+from snag_dist.engine.registry import BACKENDS
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -17,6 +19,16 @@ Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0.0)]
+
+
+def _registered_backend(name: str) -> str:
+    """``engine.backend``: a name of the backend registry (``engine/registry.py``), the one list of backends."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r} (registered: {', '.join(BACKENDS.names())})")
+    return name
+
+
+BackendName = Annotated[str, AfterValidator(_registered_backend)]
 
 
 def doc(default, text: str, **kw):
@@ -170,7 +182,7 @@ class TrainConfig:
 
 @dataclass(config=_FROZEN)
 class EngineConfig:
-    backend: Literal["accelerate", "deepspeed"] = doc("accelerate", "distributed backend")
+    backend: BackendName = doc("accelerate", f"distributed backend: {' or '.join(BACKENDS.names())}")
     precision: Literal["fp32", "bf16", "fp16"] = doc("fp32", "mixed precision")
     zero_stage: Annotated[int, Field(ge=0, le=3)] = doc(0, "DeepSpeed ZeRO stage")
     ds_config: str = doc("", "path of a DeepSpeed ds_config JSON ('' = built from this config)")

@@ -8,11 +8,10 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 
 from snag_dist.config import EngineConfig, TrainConfig
-from snag_dist.engine.backend import BACKENDS, ReplicatedState
+from snag_dist.engine.backend import ReplicatedState
 from snag_dist.errors import BackendError
 
 
-@BACKENDS.register("accelerate")
 class AccelerateBackend(ReplicatedState):
     def __init__(self, cfg: EngineConfig, train: TrainConfig) -> None:
         use_cpu = cfg.cpu or not torch.cuda.is_available()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from snag_dist.config import EngineConfig, TrainConfig
-from snag_dist.registry import Registry
+from snag_dist.engine.registry import BACKENDS
 
 
 class Backend(Protocol):
@@ -57,9 +57,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS: Registry = Registry("backend")
-
-
 class ReplicatedState:
     """Mix-in for backends whose every rank holds whole parameters and optimizer state."""
 
@@ -80,11 +77,5 @@ class ReplicatedState:
 
 
 def build_backend(cfg: EngineConfig, train: TrainConfig | None = None) -> Backend:
-    # Importing registers the backends; deferred so `snag-dist prepare` never loads them.
-    from snag_dist.engine import accelerate_backend  # noqa: F401
-
-    try:
-        from snag_dist.engine import deepspeed_backend  # noqa: F401
-    except ImportError:  # pragma: no cover - deepspeed is a dependency, but keep accelerate usable
-        pass
+    """The backend ``engine.backend`` names (``engine/registry.py``; its module is imported here only)."""
     return BACKENDS.get(cfg.backend)(cfg, train or TrainConfig())

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from snag_dist.config import EngineConfig, TrainConfig
-from snag_dist.engine.backend import BACKENDS
 from snag_dist.engine.checkpoint import load_rank_shard
 from snag_dist.errors import BackendError, ConfigError
 
@@ -95,7 +94,6 @@ def _single_process_env() -> None:
             os.environ.setdefault(key, value)
 
 
-@BACKENDS.register("deepspeed")
 class DeepSpeedBackend:
     def __init__(self, cfg: EngineConfig, train: TrainConfig) -> None:
         cpu = cfg.cpu or not torch.cuda.is_available()

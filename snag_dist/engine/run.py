@@ -36,7 +36,14 @@ from snag_dist.errors import CheckpointError, ConfigError, DataError
 from snag_dist.logging import MetricsLogger
 from snag_dist.model.sharded_table import rows_loaded_later
 from snag_dist.seeding import seed_torch
+from snag_dist.tasks.base import Comm, TaskContext, TrainTask
 from snag_dist.tasks.registry import TASKS
+
+
+def build_task(cfg: Config, rank: int, world_size: int, device: torch.device, comm: Comm | None = None) -> TrainTask:
+    """The task ``cfg.task.name`` names, given its own config section and the ``TaskContext`` of ``cfg``
+    (data, model, GMNM and the train/eval fields it reads): a task never sees the whole config."""
+    return TASKS.get(cfg.task.name)(cfg.task, TaskContext.from_config(cfg), rank, world_size, device, comm=comm)
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -81,7 +88,7 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, progress: bool,
     seed_torch(cfg.train.seed)  # identical initial weights on every rank
     # The one injection point of collectives into a task (tasks never import torch.distributed).
     comm = Collectives.current()
-    task = TASKS.get(cfg.task.name)(cfg, backend.rank, backend.world_size, backend.device, comm=comm)
+    task = build_task(cfg, backend.rank, backend.world_size, backend.device, comm=comm)
     _check_eval_splits(task, cfg)
     if last is not None:
         _check_extension(task, changes, last)
@@ -268,7 +275,7 @@ def evaluate_run(run_dir: str | Path, splits: tuple[str, ...] = ("valid", "test"
     model_state, _, _ = load_checkpoint(best)
     comm, device = _eval_collectives()
     with rows_loaded_later():  # the sharded table's rows come from the checkpoint below
-        task = TASKS.get(cfg.task.name)(cfg, comm.rank, comm.world_size, device, comm=comm)
+        task = build_task(cfg, comm.rank, comm.world_size, device, comm=comm)
     load_model_state(task.module, model_state, best)
     table = getattr(task, "table", None)
     with tempfile.TemporaryDirectory(prefix="snag-eval-") as tmp:

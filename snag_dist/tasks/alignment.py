@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from snag_dist.config import Config
+from snag_dist.config import AlignmentConfig, Config
 from snag_dist.data.epoch_stream import EpochRows
 from snag_dist.data.stream import read_all_rows
 from snag_dist.errors import ConfigError, DataError
@@ -41,9 +41,8 @@ from snag_dist.eval.topk import IndexSpec, topk_alignment_ranks, topk_mutual_pai
 from snag_dist.model.snag import SNAG, SnagOutput
 from snag_dist.seeding import generator
 from snag_dist.tasks.alignment_losses import AlignmentLoss
-from snag_dist.tasks.base import Comm, LocalComm, Phase
-from snag_dist.tasks.completion import set_structure_noise_stats
-from snag_dist.tasks.inputs import StreamInputs, build_inputs
+from snag_dist.tasks.base import Comm, LocalComm, Phase, TaskContext
+from snag_dist.tasks.inputs import StreamInputs, build_inputs, resample_noise
 
 
 class AlignmentModule(nn.Module):
@@ -124,14 +123,20 @@ class AlignmentTask:
         """The selection metric of a run of ``cfg`` (what the engine and `snag-dist tune` maximise)."""
         return AlignmentTask.metric
 
-    def __init__(self, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                 comm: Comm | None = None) -> None:
-        self.cfg, self.rank, self.world = cfg, rank, world_size
-        self.acfg = cfg.task.alignment
+    @classmethod
+    def from_config(cls, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                    comm: Comm | None = None) -> AlignmentTask:
+        """The task of a whole config: its ``task.alignment`` section and ``TaskContext.from_config(cfg)``."""
+        return cls(cfg.task.alignment, TaskContext.from_config(cfg), rank, world_size, device, comm=comm)
+
+    def __init__(self, acfg: AlignmentConfig, context: TaskContext, rank: int = 0, world_size: int = 1,
+                 device: torch.device | None = None, comm: Comm | None = None) -> None:
+        self.acfg, self.context, self.rank, self.world = acfg, context, rank, world_size
         self.device = device or torch.device("cpu")
         self.comm = comm or LocalComm()
-        root = Path(cfg.data.shards)
-        manifest, spec, model, self.inputs = build_inputs(cfg, self.comm, self.device, "links/train")
+        data = context.data
+        root = Path(data.shards)
+        manifest, spec, model, self.inputs = build_inputs(context, self.comm, self.device, "links/train")
         if manifest.task != "alignment":
             raise DataError(f"{root}: shards are for '{manifest.task}', config task is alignment")
         self.stream = isinstance(self.inputs, StreamInputs)
@@ -146,9 +151,9 @@ class AlignmentTask:
                 raise ConfigError("task.alignment.iterative=true needs data.mode=full for now (the mutual-nearest-"
                                   "neighbour refresh is not sharded yet)")
             self.links["train"] = torch.zeros(0, 2, dtype=torch.long)  # streamed, never held
-            self.rows = EpochRows(root, "links/train", batch_size=cfg.train.batch_size, rank=rank,
-                                  world_size=world_size, splits=cfg.data.stream_splits, workers=cfg.data.num_workers,
-                                  seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer)
+            self.rows = EpochRows(root, "links/train", batch_size=self.context.train.batch_size, rank=rank,
+                                  world_size=world_size, splits=data.stream_splits, workers=data.num_workers,
+                                  seed=self.context.train.seed, shuffle_buffer=data.shuffle_buffer)
         self.module = AlignmentModule(model, AlignmentLoss(self.acfg, model.modalities))
         self.module.inputs = self.inputs
         self.module.comm = self.comm
@@ -182,8 +187,8 @@ class AlignmentTask:
         if self.stream:
             steps = self.rows.steps(0)
         else:
-            steps = max(1, math.ceil(len(self.train_pairs()) / self.cfg.train.batch_size))
-        cap = self.cfg.train.steps_per_epoch
+            steps = max(1, math.ceil(len(self.train_pairs()) / self.context.train.batch_size))
+        cap = self.context.train.steps_per_epoch
         return min(steps, cap) if cap else steps
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
@@ -199,8 +204,8 @@ class AlignmentTask:
                 yield torch.from_numpy(rows).to(self.device)
             return
         pairs = self.train_pairs()
-        order = torch.randperm(len(pairs), generator=generator(self.cfg.train.seed, epoch))
-        bs = self.cfg.train.batch_size
+        order = torch.randperm(len(pairs), generator=generator(self.context.train.seed, epoch))
+        bs = self.context.train.batch_size
         for step, begin in enumerate(range(0, len(pairs), bs)):
             if step >= total:
                 return
@@ -212,9 +217,7 @@ class AlignmentTask:
 
     # -- hooks --------------------------------------------------------------------------------
     def on_epoch_start(self, epoch: int, module: nn.Module, phase: Phase) -> None:
-        module.model.resample_noise(epoch, self.cfg.train.seed)
-        if self.table is not None:
-            set_structure_noise_stats(module.model, self.table)
+        resample_noise(module.model, self.table, epoch, self.context.train.seed)
         if phase.name != "iterative":
             return
         a = self.acfg
@@ -234,13 +237,13 @@ class AlignmentTask:
         free = torch.ones(len(kg), dtype=torch.bool)
         free[linked] = False
         left, right = torch.nonzero(free & (kg == 0)).flatten(), torch.nonzero(free & (kg == 1)).flatten()
-        chunk, k = self.cfg.eval.chunk_size, self.acfg.csls_k
+        chunk, k = self.context.eval.chunk_size, self.acfg.csls_k
         comm = self.comm if self.comm.active else None
         if self._protocol(min(len(left), len(right))) == "topk":
             # each rank embeds and indexes its blocks of both sides only
             (la, lb), (ra, rb) = shard_bounds(len(left), comm), shard_bounds(len(right), comm)
             emb_l, emb_r = self._embed_blocks(module, [left[la:lb], right[ra:rb]])
-            new = topk_mutual_pairs(emb_l, emb_r, left[la:lb], right[ra:rb], k, self.cfg.eval.topk,
+            new = topk_mutual_pairs(emb_l, emb_r, left[la:lb], right[ra:rb], k, self.context.eval.topk,
                                     self._index_spec(), comm)
         else:
             ids = torch.cat([left, right])
@@ -257,22 +260,22 @@ class AlignmentTask:
 
     # -- evaluation ---------------------------------------------------------------------------
     def _protocol(self, n_links: int) -> str:
-        p = self.cfg.eval.protocol
-        return p if p != "auto" else ("exact" if n_links <= self.cfg.eval.exact_max_links else "topk")
+        p = self.context.eval.protocol
+        return p if p != "auto" else ("exact" if n_links <= self.context.eval.exact_max_links else "topk")
 
     def _index_spec(self) -> IndexSpec:
-        e = self.cfg.eval
-        return IndexSpec(e.index, e.ivf_lists, e.ivf_probe, seed=self.cfg.train.seed)
+        e = self.context.eval
+        return IndexSpec(e.index, e.ivf_lists, e.ivf_probe, seed=self.context.train.seed)
 
     def _embed_blocks(self, module: AlignmentModule, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Embeddings of this rank's id blocks, in one call sequence of the same length on every rank
         (a sharded table exchanges rows on every call; an empty block still joins)."""
         ids = torch.cat(blocks)
         call = ids if len(ids) else torch.zeros(1, dtype=torch.long)
-        rounds = module.embed_rounds(len(call), self.cfg.eval.chunk_size)
+        rounds = module.embed_rounds(len(call), self.context.eval.chunk_size)
         if self.comm.active:
             rounds = max(int(v) for v in self.comm.gather_rows(torch.tensor([rounds])).tolist())
-        emb = module.embed(call.to(self.device), self.cfg.eval.chunk_size, rounds)[: len(ids)]
+        emb = module.embed(call.to(self.device), self.context.eval.chunk_size, rounds)[: len(ids)]
         if self.table is not None:
             self.table.release()  # a table read from its checkpoint (`snag-dist eval`): pages leave the RSS
         return list(emb.split([len(b) for b in blocks]))
@@ -290,20 +293,20 @@ class AlignmentTask:
         src, tgt = self._embed_blocks(module, [links[lo:hi, 0], links[lo:hi, 1]])
         embedded = time.perf_counter()
         protocol = self._protocol(len(links))
-        k, chunk = self.acfg.csls_k, self.cfg.eval.chunk_size
+        k, chunk = self.acfg.csls_k, self.context.eval.chunk_size
         if protocol == "exact":
             src, tgt = self.comm.gather_rows(src), self.comm.gather_rows(tgt)
             n = len(links)
             local = torch.stack([torch.arange(n), torch.arange(n, 2 * n)], 1)
             ranks = alignment_ranks(torch.cat([src, tgt]), local, k, chunk, comm=comm)
         else:
-            ranks = topk_alignment_ranks(src.cpu(), tgt.cpu(), k, self.cfg.eval.topk, self._index_spec(), comm)
+            ranks = topk_alignment_ranks(src.cpu(), tgt.cpu(), k, self.context.eval.topk, self._index_spec(), comm)
         l2r, r2l = (self.comm.reduce_sum(rank_stats(r.cpu())) for r in (ranks.l2r, ranks.r2l))
         metrics: dict[str, float | str] = {}
         for prefix, stats in (("", l2r), ("r2l/", r2l)):
             m = RankMetrics.from_stats(stats).as_dict(prefix)
             if protocol == "topk":  # truncated: a gold outside the K candidates is a miss
-                top = self.cfg.eval.topk
+                top = self.context.eval.topk
                 m = {key: v for key, v in m.items() if key.startswith(f"{prefix}hits@")
                      and int(key.rsplit("@", 1)[1]) <= top}
                 m[f"{prefix}mrr@{top}"] = float(stats[2].item()) / max(float(stats[0].item()), 1.0)
@@ -311,7 +314,7 @@ class AlignmentTask:
         if protocol == "topk":
             found = sum(torch.isfinite(r.cpu()).sum() for r in (ranks.l2r, ranks.r2l)).double().view(1)
             metrics["candidate_recall"] = float(self.comm.reduce_sum(found).item()) / (2 * len(links))
-        metrics["protocol"] = "exact" if protocol == "exact" else self._index_spec().describe(self.cfg.eval.topk)
+        metrics["protocol"] = "exact" if protocol == "exact" else self._index_spec().describe(self.context.eval.topk)
         # timings stay out of the metrics (metrics rows are deterministic); `snag-dist eval` reports them
         self.eval_seconds = {"embed_seconds": embedded - start, "rank_seconds": time.perf_counter() - embedded}
         metrics["pseudo_links"] = float(len(self.pseudo))

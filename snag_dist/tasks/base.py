@@ -8,11 +8,13 @@ A task never talks to other processes; the engine does (and reduces what must be
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from snag_dist.config import Config, DataConfig, ModelConfig, NoiseConfig
 
 Metrics = dict[str, float]
 """Evaluation results by stable name, e.g. {"hits@1": .., "hits@10": .., "mrr": ..}; higher is better
@@ -47,6 +49,58 @@ def check_losses(losses: LossDict) -> LossDict:
         if name != LOSS_KEY and value.requires_grad:
             raise ValueError(f"loss entry '{name}' is for logging and must be detached")
     return losses
+
+
+# -- what a task is given besides its own config section --------------------------------------
+@dataclass(frozen=True)
+class TrainFields:
+    """The ``train.*`` settings a task reads."""
+
+    batch_size: int  # global batch: pairs or triples per step over all processes
+    seed: int  # every draw of the task (batch order, negatives, sampling, dropout and GMNM keys)
+    epochs: int  # of the whole run (completion sizes its kernel choice by the run's steps)
+    steps_per_epoch: int  # cap on the batches of an epoch (0 = the whole split)
+    table_lr: float  # the row-sharded structure table's lr (stream path): train.lr x train.embedding_lr_scale
+
+
+@dataclass(frozen=True)
+class EvalFields:
+    """The ``eval.*`` settings a task reads (``eval.split`` and ``eval.test_at_end`` are the engine's)."""
+
+    chunk_size: int
+    protocol: str  # alignment: auto | exact | topk
+    exact_max_links: int
+    topk: int
+    index: str
+    ivf_lists: int
+    ivf_probe: int
+    max_queries: int  # completion
+    completion_candidates: int
+    spill_mib: int
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """Everything a task takes from outside its own section (``task.alignment`` / ``task.completion``);
+    the engine builds it from the whole config with ``from_config``."""
+
+    data: DataConfig
+    model: ModelConfig
+    noise: NoiseConfig | None  # None: no GMNM (decided in ``from_config`` only)
+    train: TrainFields
+    eval: EvalFields
+    precision: str  # engine.precision: the stream path refuses fp16 (its sparse table gradients are not unscaled)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> TaskContext:
+        """The context of a run of ``cfg``. The one place that switches GMNM on: ``noise`` is
+        ``cfg.noise`` when ``noise.enabled``, else None (the model is then built without a noise module)."""
+        t = cfg.train
+        train = TrainFields(batch_size=t.batch_size, seed=t.seed, epochs=t.epochs, steps_per_epoch=t.steps_per_epoch,
+                            table_lr=t.lr * t.embedding_lr_scale)
+        evaluation = EvalFields(**{f.name: getattr(cfg.eval, f.name) for f in fields(EvalFields)})
+        return cls(cfg.data, cfg.model, cfg.noise if cfg.noise.enabled else None, train, evaluation,
+                   cfg.engine.precision)
 
 
 # -- the training protocol a task implements (the engine's loop drives it) -------------------------

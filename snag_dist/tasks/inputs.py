@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file
 
-from snag_dist.config import Config
+from snag_dist.config import DataConfig
 from snag_dist.data.graph_store import GraphStore
 from snag_dist.data.manifest import STATS, Manifest, load_manifest
 from snag_dist.data.store import FeatureStore
@@ -44,7 +44,7 @@ from snag_dist.model.sharded_table import ShardedTable
 from snag_dist.model.snag import SNAG, SnagOutput, build_snag
 from snag_dist.model.spec import STRUCTURE, ModalitySpec, ModelSpec
 from snag_dist.seeding import stable_seed
-from snag_dist.tasks.base import Comm
+from snag_dist.tasks.base import Comm, TaskContext
 
 _RELEASE_EVERY = 4  # batches between dropping the memory-mapped stores' pages from the resident set
 
@@ -59,20 +59,20 @@ def model_spec(root: Path, manifest: Manifest) -> ModelSpec:
     return ModelSpec(manifest.num_entities, mods)
 
 
-def full_graph_bytes(manifest: Manifest, cfg: Config, rows_group: str) -> int:
+def full_graph_bytes(manifest: Manifest, hidden: int, rows_group: str) -> int:
     """Per-process bytes the full path holds: float32 features of every entity, the structure table
     with its gradient and two Adam moments (4 copies), and the training rows as int64 (+ edges)."""
     n = manifest.num_entities
     feats = sum(info.dim for info in manifest.modalities.values()) * 4 * n
-    table = 4 * 4 * cfg.model.hidden * n
+    table = 4 * 4 * hidden * n
     rows = sum(s.rows for s in manifest.shards.get(rows_group, [])) * 8 * 5
     return feats + table + rows
 
 
-def resolve_mode(cfg: Config, manifest: Manifest, rows_group: str) -> str:
-    if cfg.data.mode != "auto":
-        return cfg.data.mode
-    return "full" if full_graph_bytes(manifest, cfg, rows_group) <= cfg.data.full_max_gib * 2**30 else "stream"
+def resolve_mode(data: DataConfig, hidden: int, manifest: Manifest, rows_group: str) -> str:
+    if data.mode != "auto":
+        return data.mode
+    return "full" if full_graph_bytes(manifest, hidden, rows_group) <= data.full_max_gib * 2**30 else "stream"
 
 
 # -- full graph ------------------------------------------------------------------------------------
@@ -225,27 +225,40 @@ class StreamInputs:
         return chunk
 
 
-def build_inputs(cfg: Config, comm: Comm, device: torch.device, rows_group: str
+def resample_noise(model: SNAG, table: ShardedTable | None, epoch: int, seed: int) -> None:
+    """GMNM's draws for ``epoch`` (nothing when the model has no GMNM: ``TaskContext.noise`` was None).
+    On the stream path the structure statistics come from the sharded table (the full path takes them
+    from its nn.Embedding in ``SNAG.resample_noise``): per-dimension mean/std summed over every rank's rows."""
+    model.resample_noise(epoch, seed)
+    noise = model.noise
+    if table is None or noise is None or STRUCTURE not in noise.names:
+        return
+    mean, std = table.moments()
+    noise.set_stats(STRUCTURE, mean, std)
+
+
+def build_inputs(context: TaskContext, comm: Comm, device: torch.device, rows_group: str
                  ) -> tuple[Manifest, ModelSpec, SNAG, FullGraphInputs | StreamInputs]:
-    """The model and its input path for ``cfg.data.mode`` (``auto`` resolved by ``resolve_mode``)."""
-    root = Path(cfg.data.shards)
+    """The model and its input path for ``data.mode`` (``auto`` resolved by ``resolve_mode``)."""
+    data, model_cfg, seed = context.data, context.model, context.train.seed
+    root = Path(data.shards)
     manifest = load_manifest(root)
     spec = model_spec(root, manifest)
-    stream = resolve_mode(cfg, manifest, rows_group) == "stream"
-    model = build_snag(cfg.model, cfg.noise if cfg.noise.enabled else None, spec, stream=stream)
-    keys = DropoutKeys(cfg.train.seed)
+    stream = resolve_mode(data, model_cfg.hidden, manifest, rows_group) == "stream"
+    model = build_snag(model_cfg, context.noise, spec, stream=stream)
+    keys = DropoutKeys(seed)
     use_keyed_dropout(model.fusion, keys)  # fusion rows are entities: masks keyed by entity id
     if not stream:
-        return manifest, spec, model, FullGraphInputs(load_graph(root, cfg.data.store_dir).to(device), keys)
-    if cfg.engine.precision == "fp16":
+        return manifest, spec, model, FullGraphInputs(load_graph(root, data.store_dir).to(device), keys)
+    if context.precision == "fp16":
         raise ConfigError("engine.precision=fp16 with data.mode=stream: the sharded table's sparse gradients "
                           "are not loss-unscaled; use bf16 (or data.mode=full)")
     encoder = model.encoders[STRUCTURE] if STRUCTURE in model.encoders else None
     uses_graph = encoder is not None and encoder.uses_graph
-    fanout = check_fanout(list(cfg.model.gat_fanout), cfg.model.gat_layers) if uses_graph else []
-    store, graph = open_stores(root, cfg.data.store_dir, comm, uses_graph)
+    fanout = check_fanout(list(model_cfg.gat_fanout), model_cfg.gat_layers) if uses_graph else []
+    store, graph = open_stores(root, data.store_dir, comm, uses_graph)
     table = None
     if encoder is not None:
-        table = ShardedTable(manifest.num_entities, cfg.model.hidden, comm, cfg.train.seed,
-                             init_std(manifest.num_entities), cfg.train.lr * cfg.train.embedding_lr_scale, device)
-    return manifest, spec, model, StreamInputs(store, graph, table, fanout, cfg.train.seed, device, keys)
+        table = ShardedTable(manifest.num_entities, model_cfg.hidden, comm, seed, init_std(manifest.num_entities),
+                             context.train.table_lr, device)
+    return manifest, spec, model, StreamInputs(store, graph, table, fanout, seed, device, keys)

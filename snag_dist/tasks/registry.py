@@ -1,7 +1,9 @@
-"""Task name -> builder ``(cfg, rank, world_size, device, comm=None) -> TrainTask``.
+"""Task name -> builder ``(task, context, rank, world_size, device, comm=None) -> TrainTask``.
 
-``comm`` (``tasks.base.Comm``) is the one injection point of collectives: the engine passes its
-``Collectives``; without it a task runs as one process."""
+A builder takes the ``task`` section of the config (``TaskConfig``; the task keeps its own
+sub-section) and the ``TaskContext`` the engine builds (``TaskContext.from_config``): a task never
+sees the whole config. ``comm`` (``tasks.base.Comm``) is the one injection point of collectives: the
+engine passes its ``Collectives``; without it a task runs as one process."""
 
 from __future__ import annotations
 
@@ -11,14 +13,14 @@ TASKS: Registry = Registry("task")
 
 
 @TASKS.register("alignment")
-def _alignment(cfg, rank, world_size, device, comm=None):
+def _alignment(task, context, rank, world_size, device, comm=None):
     from snag_dist.tasks.alignment import AlignmentTask
 
-    return AlignmentTask(cfg, rank, world_size, device, comm=comm)
+    return AlignmentTask(task.alignment, context, rank, world_size, device, comm=comm)
 
 
 @TASKS.register("completion")
-def _completion(cfg, rank, world_size, device, comm=None):
+def _completion(task, context, rank, world_size, device, comm=None):
     from snag_dist.tasks.completion import CompletionTask
 
-    return CompletionTask(cfg, rank, world_size, device, comm=comm)
+    return CompletionTask(task.completion, context, rank, world_size, device, comm=comm)

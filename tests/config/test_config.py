@@ -59,6 +59,16 @@ def test_bad_override_errors(override, needles):
         assert needle in msg
 
 
+def test_engine_backend_is_checked_against_the_backend_registry():
+    from snag_dist.engine.registry import BACKENDS
+
+    with pytest.raises(ConfigError) as info:
+        load_config("quickstart", ["engine.backend=horovod"])
+    assert f"registered: {', '.join(BACKENDS.names())}" in str(info.value)
+    for name in BACKENDS.names():
+        assert load_config("quickstart", [f"engine.backend={name}"]).engine.backend == name
+
+
 def test_bad_yaml_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"train": {"batch_size": -3}}))

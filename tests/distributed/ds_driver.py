@@ -18,8 +18,7 @@ import torch.distributed as dist
 from snag_dist.config import load_config
 from snag_dist.engine.checkpoint import load_checkpoint
 from snag_dist.engine.dist import Collectives
-from snag_dist.engine.run import train
-from snag_dist.tasks.registry import TASKS
+from snag_dist.engine.run import build_task, train
 
 
 def main() -> None:
@@ -40,7 +39,7 @@ def main() -> None:
         dist.barrier()
         train(cfg, part, resume=True, progress=False)
         # The best weights evaluated on 2 ranks (each a shard, sums reduced) and on this rank alone.
-        task = TASKS.get(cfg.task.name)(cfg, rank, dist.get_world_size(), torch.device("cpu"))
+        task = build_task(cfg, rank, dist.get_world_size(), torch.device("cpu"))
         model, _, _ = load_checkpoint(full / "checkpoints" / "best")
         task.module.load_state_dict(model)
         task.attach(Collectives.current())

@@ -91,7 +91,7 @@ def test_reference_lr_for_uncertainty_weights_is_one_config_line(sample_shards):
 
     cfg = load_config("quickstart", [f"data.shards={sample_shards}", "model.modalities=[structure,relation]",
                                      "train.lr=1e-3", 'train.lr_scales={"*log_var*": 5.0}'])
-    module = AlignmentTask(cfg).module
+    module = AlignmentTask.from_config(cfg).module
     opt = build_optimizer(module, cfg.train.lr, cfg.train.weight_decay, cfg.train.embedding_lr_scale,
                           cfg.train.lr_scales)
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
@@ -118,7 +118,7 @@ def test_pseudo_link_refresh_topk_with_every_candidate_equals_exact(sample_shard
                                          "model.hidden=32", f"eval.protocol={protocol}", "eval.index=flat",
                                          "eval.topk=5000"])
         torch.manual_seed(0)
-        task = AlignmentTask(cfg)
+        task = AlignmentTask.from_config(cfg)
         task._refresh_candidates(task.module)
         got[protocol] = {tuple(p) for p in task._candidates.tolist()}
     assert len(got["exact"]) > 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from snag_dist.cli import main
-from snag_dist.config import load_config
+from snag_dist.config import Config, load_config
 from snag_dist.data.prepare import PrepareOptions, prepare
 from snag_dist.errors import ConfigError
+from snag_dist.tasks.base import TaskContext
 from snag_dist.tasks.completion import (
     CompletionBatch,
     CompletionTask,
@@ -128,7 +130,8 @@ def test_bernoulli_head_probability_by_hand():
 
 # -- the task on the real sample ---------------------------------------------------------------
 def test_batches_split_global_batches_and_filter_negatives(mini_shards):
-    tasks = [CompletionTask(small_cfg(mini_shards, "train.batch_size=512"), rank=r, world_size=2) for r in (0, 1)]
+    cfg = small_cfg(mini_shards, "train.batch_size=512")
+    tasks = [CompletionTask.from_config(cfg, rank=r, world_size=2) for r in (0, 1)]
     train = tasks[0].triples["train"]
     facts = {tuple(t) for t in train.tolist()}
     per_rank = [list(t.batches(3)) for t in tasks]
@@ -143,7 +146,7 @@ def test_batches_split_global_batches_and_filter_negatives(mini_shards):
             assert bool(batch.valid[i, k]) == (fact not in facts)
         kept = t if batch.head_side[i] else h
         assert bool(batch.self_valid[i]) == (h != t and (kept, r, kept) not in facts)
-    again = next(iter(CompletionTask(small_cfg(mini_shards, "train.batch_size=512"), 0, 2).batches(3)))
+    again = next(iter(CompletionTask.from_config(cfg, 0, 2).batches(3)))
     assert torch.equal(again.triples, batch.triples) and torch.equal(again.negatives, batch.negatives)
     assert not (set(map(tuple, tasks[0].triples["valid"].tolist())) & facts)  # dedupe_valid
 
@@ -151,7 +154,7 @@ def test_batches_split_global_batches_and_filter_negatives(mini_shards):
 @pytest.mark.parametrize("extra", [["task.completion.readout=mean", "task.completion.projection_layers=2"],
                                    ["model.structure_encoder=gat", "model.gat_layers=1"]])
 def test_readouts_and_gat_train_a_step(mini_shards, extra):
-    task = CompletionTask(small_cfg(mini_shards, "train.batch_size=256", *extra))
+    task = CompletionTask.from_config(small_cfg(mini_shards, "train.batch_size=256", *extra))
     module = task.module
     task.on_epoch_start(0, module, None)
     losses = module(next(iter(task.batches(0))))
@@ -162,9 +165,10 @@ def test_readouts_and_gat_train_a_step(mini_shards, extra):
 
 
 def test_entity_residual_starts_at_zero_and_learns_only_the_batch_rows(mini_shards):
-    plain = CompletionTask(small_cfg(mini_shards, "train.batch_size=256"))
+    plain = CompletionTask.from_config(small_cfg(mini_shards, "train.batch_size=256"))
     torch.manual_seed(0)
-    task = CompletionTask(small_cfg(mini_shards, "train.batch_size=256", "task.completion.entity_residual=true"))
+    task = CompletionTask.from_config(
+        small_cfg(mini_shards, "train.batch_size=256", "task.completion.entity_residual=true"))
     module = task.module
     assert module.residual.weight.shape == (task.num_entities, 2 * module.rotate.dim)
     ids = torch.arange(10)
@@ -189,10 +193,11 @@ def test_self_negative_modes_by_hand(mini_shards):
     separate (weight 0.3): + 0.3 x mean over valid rows of -log sigmoid(-self), halved."""
     losses, common = {}, ("train.batch_size=256", "noise.enabled=false", "model.dropout=0",
                           "task.completion.self_negative_weight=1.0")
-    weights = CompletionTask(small_cfg(mini_shards, *common)).module.state_dict()
+    weights = CompletionTask.from_config(small_cfg(mini_shards, *common)).module.state_dict()
     for mode in ("none", "adversarial", "pairwise", "separate"):
         weight = ["task.completion.self_negative_weight=0.3"] if mode == "separate" else []
-        task = CompletionTask(small_cfg(mini_shards, *common, f"task.completion.self_negative={mode}", *weight))
+        task = CompletionTask.from_config(
+            small_cfg(mini_shards, *common, f"task.completion.self_negative={mode}", *weight))
         task.module.load_state_dict(weights)
         batch = next(iter(task.batches(0)))
         assert (batch.self_valid is None) == (mode == "none")
@@ -218,7 +223,23 @@ def test_self_negative_modes_by_hand(mini_shards):
 
 def test_graph_readout_needs_the_structure_token(mini_shards):
     with pytest.raises(ConfigError, match="readout=graph"):
-        CompletionTask(small_cfg(mini_shards, "model.modalities=[name]"))
+        CompletionTask.from_config(small_cfg(mini_shards, "model.modalities=[name]"))
+
+
+def test_a_task_gets_its_section_and_a_context_never_the_whole_config(mini_shards):
+    on, off = small_cfg(mini_shards, "noise.enabled=true"), small_cfg(mini_shards, "noise.enabled=false")
+    context_on, context_off = TaskContext.from_config(on), TaskContext.from_config(off)
+    assert context_on.noise == on.noise and context_off.noise is None  # the one switch of GMNM
+    assert context_on.data == on.data and context_on.model == on.model
+    assert context_on.train.table_lr == on.train.lr * on.train.embedding_lr_scale
+    assert context_on.eval.chunk_size == on.eval.chunk_size
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context_on.noise = None
+    task = CompletionTask(off.task.completion, context_off)
+    assert task.module.model.noise is None
+    assert not any(isinstance(value, Config) for value in vars(task).values())
+    assert CompletionTask(on.task.completion, context_on).module.model.noise is not None
+    assert task.metric == CompletionTask.metric_for(off) == "mrr"
 
 
 def snag_dist_cli(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
@@ -284,7 +305,7 @@ def _check_export(run, out, test_metrics):
         r = rot[rel].conj() if predict_head else rot[rel]
         return margin - complex_distance(z[anchor][:, None] * r[:, None] - z[None], norm)
 
-    task = CompletionTask(load_config(str(run / "config.yaml")))
+    task = CompletionTask.from_config(load_config(str(run / "config.yaml")))
     stats = filtered_rank_stats(score, task.triples["test"], task.known, 512, "realistic")
     assert metrics_from_stats(stats)["mrr"] == pytest.approx(test_metrics["mrr"], rel=1e-3)
 

@@ -87,9 +87,9 @@ def _cfg(shards, mode, *extra):
 
 def test_stream_with_all_neighbours_equals_the_full_graph_path(stream_shards):
     torch.manual_seed(0)
-    full = CompletionTask(_cfg(stream_shards, "full"))
+    full = CompletionTask.from_config(_cfg(stream_shards, "full"))
     torch.manual_seed(0)
-    stream = CompletionTask(_cfg(stream_shards, "stream"))
+    stream = CompletionTask.from_config(_cfg(stream_shards, "stream"))
     assert isinstance(stream.inputs, StreamInputs) and stream.table is not None
     assert STRUCTURE not in {n.split(".")[2] for n, _ in stream.module.named_parameters() if "embedding" in n}
     state = {k: v for k, v in full.module.state_dict().items() if "embedding" not in k}
@@ -148,4 +148,4 @@ def test_stream_run_trains_checkpoints_evaluates_and_exports(stream_shards, tmp_
 
 def test_zero_fanout_is_a_config_error(stream_shards):
     with pytest.raises(ConfigError, match="model.gat_fanout"):
-        CompletionTask(_cfg(stream_shards, "stream", "model.gat_fanout=[0,5]"))
+        CompletionTask.from_config(_cfg(stream_shards, "stream", "model.gat_fanout=[0,5]"))
