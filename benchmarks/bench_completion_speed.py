@@ -96,7 +96,7 @@ def snag_worker(arm: dict, dataset: str, warmup: int, evaluate: bool) -> dict:
                                       "task.completion.dim=128", "train.batch_size=1024",
                                       f"task.completion.filter_negatives={str(arm['filtered']).lower()}"])
     seed_torch(cfg.train.seed)
-    task = CompletionTask(cfg)
+    task = CompletionTask.from_config(cfg)
     module = task.module
     opt = build_optimizer(module, cfg.train.lr, cfg.train.weight_decay, cfg.train.embedding_lr_scale, cfg.train.lr_scales)
     cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if arm.get("bf16") else contextlib.nullcontext
