@@ -348,3 +348,21 @@ def test_loss_of_a_batch_is_finite_with_everything_filtered():
     assert torch.isfinite(out["loss"])
     assert out["negative"].item() == pytest.approx(-F.logsigmoid(torch.tensor(0.0)).item() / 2)
 
+
+
+def test_rows_are_bucketed_under_cpu_autocast_only(mini_shards):
+    """bf16 on CPU: oneDNN keeps a kernel per matmul shape, so the encoded rows come in multiples of 512
+    (RSS grew per step before); the padding is sliced off and the loss matches the unpadded one."""
+    from snag_dist.tasks.completion.module import _HALF_BUCKET
+
+    task = CompletionTask.from_config(small_cfg(mini_shards, "train.batch_size=256", "model.dropout=0"))
+    module, seen = task.module, []
+    encode = module.inputs.encode
+    module.inputs.encode = lambda model, ids: (seen.append(len(ids)), encode(model, ids))[1]
+    batch = next(iter(task.batches(0)))
+    plain = module(batch)["loss"]
+    unique = seen[-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = module(batch)["loss"]
+    assert unique % _HALF_BUCKET and seen[-1] % _HALF_BUCKET == 0 and unique < seen[-1] < unique + _HALF_BUCKET
+    torch.testing.assert_close(half, plain, rtol=3e-2, atol=3e-2)
