@@ -216,7 +216,9 @@ def pykeen_snapshot_metrics(dataset: str, path: Path, known, splits: dict) -> di
             for split, t in splits.items()}
 
 
-def pykeen_run(dataset: str, python: str, lrs: list[float], epochs: int, every: int, eval_sample: int) -> dict:
+def filtered_splits(dataset: str):
+    """(known triples of all splits, {valid (minus training triples), test}) from the raw text files:
+    the filter and splits SNAG's runs use, for ranking PyKEEN snapshots."""
     import numpy as np
     import torch
 
@@ -230,7 +232,13 @@ def pykeen_run(dataset: str, python: str, lrs: list[float], epochs: int, every: 
     known = KnownTriples(torch.cat(list(load.values())), n_ent, n_rel)
     train_known = KnownTriples(load["train"], n_ent, n_rel)
     v = load["valid"]
-    splits = {"valid": v[~train_known.contains(v[:, 0], v[:, 1], v[:, 2])], "test": load["test"]}
+    return known, {"valid": v[~train_known.contains(v[:, 0], v[:, 1], v[:, 2])], "test": load["test"]}
+
+
+def pykeen_run(dataset: str, python: str, lrs: list[float], epochs: int, every: int, eval_sample: int) -> dict:
+
+    known, splits = filtered_splits(dataset)
+    raw = DATASETS[dataset][0]
     best, rows = None, []
     for i, lr in enumerate(lrs):
         out = REPO / "runs" / "bench" / f"pykeen-{dataset}-lr{lr:g}-e{epochs}"

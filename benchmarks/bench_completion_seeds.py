@@ -36,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_completion import DATASETS, pykeen_snapshot_metrics  # noqa: E402
+from bench_completion import DATASETS, filtered_splits, pykeen_snapshot_metrics  # noqa: E402
 
 METRICS = ("mrr", "hits@1", "hits@3", "hits@10")
 LOCK = threading.Lock()
@@ -174,23 +174,14 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra override for every SNAG run")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    import numpy as np
     import torch
 
-    from snag_dist.eval.filtered import KnownTriples
 
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
     have = {(r["arm"], r["seed"]) for r in done}
-    raw = DATASETS[args.dataset][0]
-    load = {s: torch.from_numpy(np.loadtxt(raw / f"{s}.txt", dtype=np.int64).reshape(-1, 3)) for s in ("train", "valid", "test")}
-    n_ent = sum(1 for _ in open(raw / "entities.txt"))
-    n_rel = sum(1 for _ in open(raw / "relations.txt"))
-    known = KnownTriples(torch.cat(list(load.values())), n_ent, n_rel)
-    train_known = KnownTriples(load["train"], n_ent, n_rel)
-    v = load["valid"]
-    splits = {"valid": v[~train_known.contains(v[:, 0], v[:, 1], v[:, 2])], "test": load["test"]}
+    known, splits = filtered_splits(args.dataset)
     torch.set_num_threads(1)
     jobs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
