@@ -236,7 +236,6 @@ def filtered_splits(dataset: str):
 
 
 def pykeen_run(dataset: str, python: str, lrs: list[float], epochs: int, every: int, eval_sample: int) -> dict:
-
     known, splits = filtered_splits(dataset)
     raw = DATASETS[dataset][0]
     best, rows = None, []
