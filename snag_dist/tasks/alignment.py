@@ -41,7 +41,7 @@ from snag_dist.eval.topk import IndexSpec, topk_alignment_ranks, topk_mutual_pai
 from snag_dist.model.snag import SNAG, SnagOutput
 from snag_dist.seeding import generator
 from snag_dist.tasks.alignment_losses import AlignmentLoss
-from snag_dist.tasks.base import Comm, LocalComm, Phase, TaskContext
+from snag_dist.tasks.base import Comm, FromConfig, LocalComm, Phase, TaskContext
 from snag_dist.tasks.inputs import StreamInputs, build_inputs, resample_noise
 
 
@@ -115,19 +115,14 @@ def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Comm,
     return gathered, comm.gather_rows(pairs_B2 + offset, pair_sizes), rows
 
 
-class AlignmentTask:
+class AlignmentTask(FromConfig):
+    section = "alignment"
     metric = "hits@1"
 
     @staticmethod
     def metric_for(cfg: Config) -> str:
         """The selection metric of a run of ``cfg`` (what the engine and `snag-dist tune` maximise)."""
         return AlignmentTask.metric
-
-    @classmethod
-    def from_config(cls, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                    comm: Comm | None = None) -> AlignmentTask:
-        """The task of a whole config: its ``task.alignment`` section and ``TaskContext.from_config(cfg)``."""
-        return cls(cfg.task.alignment, TaskContext.from_config(cfg), rank, world_size, device, comm=comm)
 
     def __init__(self, acfg: AlignmentConfig, context: TaskContext, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None, comm: Comm | None = None) -> None:

@@ -103,6 +103,18 @@ class TaskContext:
                    cfg.engine.precision)
 
 
+class FromConfig:
+    """``Task.from_config(cfg, ...)`` for callers holding a whole config: the task's own section of
+    ``cfg.task`` (named by ``section``) and ``TaskContext.from_config(cfg)``."""
+
+    section: str  # the task's sub-section of cfg.task ("alignment", "completion")
+
+    @classmethod
+    def from_config(cls, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                    comm: Comm | None = None):
+        return cls(getattr(cfg.task, cls.section), TaskContext.from_config(cfg), rank, world_size, device, comm=comm)
+
+
 # -- the training protocol a task implements (the engine's loop drives it) -------------------------
 @dataclass(frozen=True)
 class Phase:

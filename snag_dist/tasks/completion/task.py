@@ -33,7 +33,7 @@ from snag_dist.eval.filtered_sharded import FileRows, full_filtered_ranks, sampl
 from snag_dist.eval.metrics import rank_stats
 from snag_dist.eval.shards import QueryShard, shard_bounds
 from snag_dist.seeding import generator
-from snag_dist.tasks.base import Comm, LocalComm, Phase, TaskContext
+from snag_dist.tasks.base import Comm, FromConfig, LocalComm, Phase, TaskContext
 from snag_dist.tasks.completion.module import CompletionModule
 from snag_dist.tasks.completion.negatives import (
     CompletionBatch,
@@ -55,13 +55,8 @@ def selection_metric(candidates: int) -> str:
     return "mrr" if candidates == 0 else f"sampled-{candidates}/mrr"
 
 
-class CompletionTask:
-
-    @classmethod
-    def from_config(cls, cfg: Config, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                    comm: Comm | None = None) -> CompletionTask:
-        """The task of a whole config: its ``task.completion`` section and ``TaskContext.from_config(cfg)``."""
-        return cls(cfg.task.completion, TaskContext.from_config(cfg), rank, world_size, device, comm=comm)
+class CompletionTask(FromConfig):
+    section = "completion"
 
     def __init__(self, ccfg: CompletionConfig, context: TaskContext, rank: int = 0, world_size: int = 1,
                  device: torch.device | None = None, comm: Comm | None = None) -> None:
