@@ -97,14 +97,13 @@ def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Comm,
     data-parallel average of parameter gradients equals one process training the global batch
     (tested against a single process).
     """
-    sizes = comm.sizes(out.joint.shape[0], out.joint.device)
+    sizes = comm.sizes(out.present.shape[0], out.present.device)
     rows = lambda t: comm.gather_rows(t, sizes)  # noqa: E731
     gathered = dataclasses.replace(
         out,
         modality_emb={k: rows(v) for k, v in out.modality_emb.items()},
         hidden={k: rows(v) for k, v in out.hidden.items()},
         hidden_stack=rows(out.hidden_stack), modality_weights=rows(out.modality_weights),
-        joint=rows(out.joint), joint_global=rows(out.joint_global),
         global_entity_weights=rows(out.global_entity_weights),
         present=rows(out.present.to(torch.uint8)).bool(),
     )
