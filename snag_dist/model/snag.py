@@ -14,6 +14,7 @@ E entities, M modality tokens, H hidden.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -39,6 +40,14 @@ class SnagOutput:
     global_weights: torch.Tensor  # (M,) softmax of the learned global weights
     global_entity_weights: torch.Tensor  # (E, M) the global weights renormalised over present modalities
     present: torch.Tensor  # (E, M) bool
+
+    def head(self, n: int) -> SnagOutput:
+        """The first ``n`` rows (every per-entity field; the global weights are shared)."""
+        return dataclasses.replace(
+            self, modality_emb={k: v[:n] for k, v in self.modality_emb.items()},
+            hidden={k: v[:n] for k, v in self.hidden.items()}, hidden_stack=self.hidden_stack[:n],
+            modality_weights=self.modality_weights[:n], global_entity_weights=self.global_entity_weights[:n],
+            present=self.present[:n])
 
     # The joint embeddings are derived on first use: completion never reads them, and computing them
     # eagerly cost three (E, M, H) passes per step (~10 % of a fused MKG-W step on one core).

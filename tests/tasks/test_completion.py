@@ -353,7 +353,7 @@ def test_loss_of_a_batch_is_finite_with_everything_filtered():
 def test_rows_are_bucketed_under_cpu_autocast_only(mini_shards):
     """bf16 on CPU: oneDNN keeps a kernel per matmul shape, so the encoded rows come in multiples of 512
     (RSS grew per step before); the padding is sliced off and the loss matches the unpadded one."""
-    from snag_dist.tasks.completion.module import _HALF_BUCKET
+    from snag_dist.tasks.inputs import HALF_BUCKET as _HALF_BUCKET
 
     task = CompletionTask.from_config(small_cfg(mini_shards, "train.batch_size=256", "model.dropout=0"))
     module, seen = task.module, []

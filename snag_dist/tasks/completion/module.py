@@ -30,6 +30,7 @@ from snag_dist.model.snag import SNAG
 from snag_dist.model.spec import STRUCTURE
 from snag_dist.tasks.completion.negatives import CompletionBatch
 from snag_dist.tasks.completion.rotate import RotatE
+from snag_dist.tasks.inputs import bucketed
 
 
 def self_adversarial_loss(pos_B: torch.Tensor, neg_BK: torch.Tensor, valid_BK: torch.Tensor,
@@ -41,22 +42,6 @@ def self_adversarial_loss(pos_B: torch.Tensor, neg_BK: torch.Tensor, valid_BK: t
     positive = -F.logsigmoid(pos_B).mean()
     negative = -(weights * F.logsigmoid(-neg_BK)).sum(1).mean()
     return {"loss": (positive + negative) / 2, "positive": positive.detach(), "negative": negative.detach()}
-
-
-# Under CPU autocast (bf16) the matmuls go to oneDNN, which builds and caches one kernel per shape: with
-# a different number of unique entities every step, RSS grew ~6 MB per step (6 GB in a 20-epoch MKG-Y
-# trial) and every step paid a kernel build. Padding the rows to a multiple of this keeps a few shapes.
-_HALF_BUCKET = 512
-
-
-def _bucketed(ids_U: torch.Tensor) -> torch.Tensor:
-    """``ids_U`` padded with copies of its first id to a multiple of _HALF_BUCKET under CPU autocast
-    (the copies are encoded and sliced off; every row is encoded on its own, so the kept rows are the
-    same), unchanged otherwise."""
-    if ids_U.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or len(ids_U) == 0:
-        return ids_U
-    pad = -len(ids_U) % _HALF_BUCKET
-    return torch.cat([ids_U, ids_U[:1].expand(pad)]) if pad else ids_U
 
 
 class CompletionModule(nn.Module):
@@ -108,7 +93,8 @@ class CompletionModule(nn.Module):
         b = batch.triples.shape[0]
         ids = torch.cat([batch.triples[:, 0], batch.triples[:, 2], batch.negatives.flatten()])
         uniq_U, inv = torch.unique(ids, return_inverse=True)
-        ent = self.entity_vectors(_bucketed(uniq_U))[:len(uniq_U)]
+        # padded here too (not only in inputs.encode), so that the projection sees bucketed rows as well
+        ent = self.entity_vectors(bucketed(uniq_U))[:len(uniq_U)]
         pos, neg, own = self.rotate.train_scores(ent, batch, inv[:b], inv[b:2 * b],
                                                  inv[2 * b:].view_as(batch.negatives))
         valid = batch.valid
