@@ -8,7 +8,7 @@ The timed loop includes making the batches (negative sampling, filtering) on bot
 
   pykeen-*        PyKEEN 1.11 RotatE, sLCWA, Bernoulli negatives (`filtered=True` for -filt), Adam (own venv)
   snag-struct-*   SNAG structure token only (`db15k_short` settings), negatives shared by `negative_chunk`
-                  positives (16: the preset; 1: one draw per positive, as PyKEEN)
+                  positives (16: the preset; 1: one draw per positive, as PyKEEN), fp32 or bf16 autocast
   snag-fused-*    SNAG structure + relation + name tokens through the Transformer fusion, GMNM on
                   (`db15k_mm`), fp32 or bf16 autocast (bf16 runs the encoders and fusion in bf16; RotatE
                   distances stay fp32)
@@ -37,6 +37,8 @@ ARMS = {
     "pykeen-unf": {"side": "pykeen", "filtered": False},
     "snag-struct-unf-c16": {"side": "snag", "config": "db15k_short", "mods": "structure", "filtered": False, "chunk": 16},
     "snag-struct-unf-c1": {"side": "snag", "config": "db15k_short", "mods": "structure", "filtered": False, "chunk": 1},
+    "snag-struct-unf-c16-bf16": {"side": "snag", "config": "db15k_short", "mods": "structure", "filtered": False,
+                                 "chunk": 16, "bf16": True},
     "snag-fused-unf-c16": {"side": "snag", "config": "db15k_mm", "mods": "structure,relation,name", "filtered": False,
                            "chunk": 16},
     "snag-fused-unf-c16-bf16": {"side": "snag", "config": "db15k_mm", "mods": "structure,relation,name",
