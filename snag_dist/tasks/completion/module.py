@@ -80,10 +80,8 @@ class CompletionModule(nn.Module):
         if self.ccfg.readout == "graph":
             readout = out.hidden_stack[:, out.modalities.index(STRUCTURE)]
         else:
-            # (E, 1, M) @ (E, M, H): a batched matmul is ~2.4x faster (forward + backward) than the
-            # broadcast product and sum on CPU
-            present = out.present.to(out.hidden_stack.dtype)
-            readout = (present[:, None, :] @ out.hidden_stack).squeeze(1) / present.sum(1, keepdim=True).clamp_min(1.0)
+            present = out.present[..., None].to(out.hidden_stack.dtype)
+            readout = (out.hidden_stack * present).sum(1) / present.sum(1).clamp_min(1.0)
         # RotatE distances stay in float32 under bf16/fp16 autocast: a sum of 128 moduli in bf16 keeps
         # ~3 digits, too few to rank 15K candidates; only the encoders and fusion run in half precision.
         vectors = self.projection(readout).float()
