@@ -67,11 +67,7 @@ class SelfAttention(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:  # (E, M, H) -> (E, K, M, H/K)
             return t.view(e, m, self.heads, self.head_dim).transpose(1, 2)
 
-        # One matmul over the three concatenated weights: under autocast the input is cast to half
-        # precision once, not once per projection (the parameters stay three Linears).
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        q, k, v = (split(t) for t in F.linear(h_EMH, weight, bias).chunk(3, dim=-1))
+        q, k, v = split(self.query(h_EMH)), split(self.key(h_EMH)), split(self.value(h_EMH))
         scores_EKMM = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
         scores_EKMM = scores_EKMM.masked_fill(~present_EM[:, None, None, :], torch.finfo(scores_EKMM.dtype).min)
         probs_EKMM = F.softmax(scores_EKMM, dim=-1)
