@@ -13,8 +13,8 @@ E entities, M modality tokens, H hidden.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
