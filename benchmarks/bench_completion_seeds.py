@@ -176,7 +176,6 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []

@@ -50,10 +50,10 @@ def evaluate_under(run: Path, seed: int) -> list[dict]:
     if not isinstance(inputs, FullGraphInputs):
         sys.exit(f"{run}: needs the full input path")
     graph, spec_names = inputs.graph, task.module.model.spec.names
+    saved_present, saved = graph.present.clone(), {k: v.clone() for k, v in graph.features.items()}
+    n = graph.present.shape[0]
     rows = []
     for kind, m, p in conditions_for(task.module.model.modalities):
-        saved_present, saved = graph.present.clone(), {k: v.clone() for k, v in graph.features.items()}
-        n = graph.present.shape[0]
         gen = torch.Generator().manual_seed(seed)
         chosen = torch.randperm(n, generator=gen)[: round(p * n)]
         if kind == "missing":
@@ -64,8 +64,8 @@ def evaluate_under(run: Path, seed: int) -> list[dict]:
             graph.present[chosen, spec_names.index(m)] = saved_present[donors, spec_names.index(m)]
         metrics = task.evaluate(task.module, "test")
         graph.present.copy_(saved_present)
-        for k, v in saved.items():
-            graph.features[k].copy_(v)
+        if kind == "swapped":
+            graph.features[m].copy_(saved[m])
         name = "clean" if kind == "clean" else f"{m}-{kind}-{round(100 * p)}"
         rows.append({"run": str(run), "condition": name, "mrr": metrics["mrr"], "hits@1": metrics["hits@1"],
                      "hits@10": metrics["hits@10"]})

@@ -14,7 +14,7 @@ E entities, M modality tokens, H hidden.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -41,13 +41,18 @@ class SnagOutput:
     global_entity_weights: torch.Tensor  # (E, M) the global weights renormalised over present modalities
     present: torch.Tensor  # (E, M) bool
 
-    def head(self, n: int) -> SnagOutput:
-        """The first ``n`` rows (every per-entity field; the global weights are shared)."""
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SnagOutput:
+        """``fn`` applied to every per-entity field (the global weights are shared; the joint embeddings
+        are derived again from the mapped fields on use)."""
         return dataclasses.replace(
-            self, modality_emb={k: v[:n] for k, v in self.modality_emb.items()},
-            hidden={k: v[:n] for k, v in self.hidden.items()}, hidden_stack=self.hidden_stack[:n],
-            modality_weights=self.modality_weights[:n], global_entity_weights=self.global_entity_weights[:n],
-            present=self.present[:n])
+            self, modality_emb={k: fn(v) for k, v in self.modality_emb.items()},
+            hidden={k: fn(v) for k, v in self.hidden.items()}, hidden_stack=fn(self.hidden_stack),
+            modality_weights=fn(self.modality_weights), global_entity_weights=fn(self.global_entity_weights),
+            present=fn(self.present))
+
+    def head(self, n: int) -> SnagOutput:
+        """The first ``n`` rows."""
+        return self.map_rows(lambda t: t[:n])
 
     # The joint embeddings are derived on first use: completion never reads them, and computing them
     # eagerly cost three (E, M, H) passes per step (~10 % of a fused MKG-W step on one core).

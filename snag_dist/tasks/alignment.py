@@ -19,7 +19,6 @@ collectives with a placeholder row (``encode_placeholder``) that no loss term us
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -98,15 +97,11 @@ def gather_global_batch(out: SnagOutput, pairs_B2: torch.Tensor, comm: Comm,
     (tested against a single process).
     """
     sizes = comm.sizes(out.present.shape[0], out.present.device)
-    rows = lambda t: comm.gather_rows(t, sizes)  # noqa: E731
-    gathered = dataclasses.replace(
-        out,
-        modality_emb={k: rows(v) for k, v in out.modality_emb.items()},
-        hidden={k: rows(v) for k, v in out.hidden.items()},
-        hidden_stack=rows(out.hidden_stack), modality_weights=rows(out.modality_weights),
-        global_entity_weights=rows(out.global_entity_weights),
-        present=rows(out.present.to(torch.uint8)).bool(),
-    )
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # bool (present) travels as uint8
+        return comm.gather_rows(t.to(torch.uint8), sizes).bool() if t.dtype == torch.bool else comm.gather_rows(t, sizes)
+
+    gathered = out.map_rows(rows)
     offset = sum(sizes[: comm.rank])
     pair_sizes = comm.sizes(pairs_B2.shape[0], pairs_B2.device)
     first = sum(pair_sizes[: comm.rank])

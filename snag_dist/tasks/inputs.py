@@ -105,7 +105,7 @@ def load_graph(root: Path, store_dir: str = "") -> GraphData:
 
 # Under CPU autocast (bf16) the matmuls go to oneDNN, which builds and caches one kernel per shape: with
 # a different number of rows every step, RSS grew ~6 MB per step (6 GB in a 20-epoch MKG-Y completion
-# trial; +2 GB in 300 alignment steps on the shipped sample) and every step paid a kernel build. Padding
+# trial; +1 GB in 300 alignment steps on the shipped sample) and every step paid a kernel build. Padding
 # the rows to a multiple of this keeps a few shapes.
 HALF_BUCKET = 512
 
