@@ -388,9 +388,12 @@ class GaussModalityNoise(nn.Module):
         self._last[name] = mask_B
         if eps_KD.shape[0] == 0:  # nobody drawn (tiny N or ratio)
             return x_BD
-        eps_BD = eps_KD.to(x_BD.device)[pos_B.clamp_min(0)]
-        mixed_BD = (1.0 - mask_ratio) * x_BD + mask_ratio * eps_BD.to(x_BD.dtype)
-        return torch.where(mask_B[:, None], mixed_BD, x_BD)
+        # Only the noised rows are mixed (as on the keyed path): the same values and gradients as a
+        # where() over all rows, without two (B, D) passes each way for the ~noise_ratio of them that change.
+        rows_K = mask_B.nonzero().squeeze(1)
+        eps_KD = eps_KD.to(x_BD.device)[pos_B.index_select(0, rows_K)]
+        mixed_KD = (1.0 - mask_ratio) * x_BD.index_select(0, rows_K) + mask_ratio * eps_KD.to(x_BD.dtype)
+        return x_BD.index_copy(0, rows_K, mixed_KD)
 
     def _keyed_forward(
         self, name: str, x_BD: torch.Tensor, entity_ids_B: torch.Tensor, mask_ratio: float, step: int | None

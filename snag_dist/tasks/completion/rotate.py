@@ -55,6 +55,13 @@ def pair_distance(x_re: torch.Tensor, x_im: torch.Tensor, y_re: torch.Tensor, y_
     return torch.sqrt(sq + _EPS).sum(-1) if norm == "l1" else torch.sqrt(sq.sum(-1) + _EPS)
 
 
+def rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for any index shape, as ``index_select``: the same values, and a backward that
+    is an ``index_add_`` instead of advanced indexing's accumulating ``index_put_`` (on CPU 1.7-2x faster
+    for a step's gathers, the largest single cost of a structure-only step under bf16)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
 def l2_distance(a_2D: torch.Tensor, n_2D: torch.Tensor) -> torch.Tensor:
     """Euclidean distance of every query to every candidate by one matrix product per group:
     |a - n|^2 = |a|^2 + |n|^2 - 2 a.n; (..., C, 2D) x (..., K, 2D) -> (..., C, K)."""
@@ -103,7 +110,7 @@ class RotatE(nn.Module):
         self.groups = 0  # pad negative groups to this many so compiled shapes never change
 
     def rotation(self, rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        phase = self.relation[rel] * (math.pi / self.range)
+        phase = rows(self.relation, rel) * (math.pi / self.range)
         return torch.cos(phase), torch.sin(phase)
 
     @staticmethod
@@ -120,7 +127,7 @@ class RotatE(nn.Module):
         """Positive (B,), negative (B, K) and, if the batch has self negatives, self (B,) scores;
         ent (U, 2D), h/t/neg_GK index rows of ent."""
         cos, sin = self.rotation(batch.triples[:, 1])
-        (h_re, h_im), (t_re, t_im) = ent[h].chunk(2, dim=-1), ent[t].chunk(2, dim=-1)
+        (h_re, h_im), (t_re, t_im) = rows(ent, h).chunk(2, dim=-1), rows(ent, t).chunk(2, dim=-1)
         hr_re, hr_im = self.rotate(h_re, h_im, cos, sin)
         pos = self.margin - pair_distance(hr_re, hr_im, t_re, t_im, self.norm)
         # The corrupted side is compared with the other side moved through r: h * r for a new tail,
@@ -132,10 +139,10 @@ class RotatE(nn.Module):
         if batch.group is not None:  # parts of several splits: each positive names its group
             neg_BK = neg_GK[batch.group]
             if self.norm == "l1":
-                n_re, n_im = (x.contiguous() for x in ent[neg_BK].chunk(2, dim=-1))
+                n_re, n_im = (x.contiguous() for x in rows(ent, neg_BK).chunk(2, dim=-1))
                 dist = group_distance(a_re[:, None], a_im[:, None], n_re, n_im)
             else:
-                dist = l2_distance(torch.cat([a_re, a_im], -1)[:, None], ent[neg_BK])
+                dist = l2_distance(torch.cat([a_re, a_im], -1)[:, None], rows(ent, neg_BK))
             neg = self.margin - dist.view(b, k)
             if batch.self_valid is None:
                 return pos, neg, None
@@ -145,10 +152,10 @@ class RotatE(nn.Module):
         neg_GK = F.pad(neg_GK, (0, 0, 0, groups - g))  # padded rows score entity rows 0, then are cut
         a_re, a_im = (F.pad(x, (0, 0, 0, groups * c - b)).view(groups, c, -1) for x in (a_re, a_im))
         if self.norm == "l1":
-            n_re, n_im = (x.contiguous() for x in ent[neg_GK].chunk(2, dim=-1))
+            n_re, n_im = (x.contiguous() for x in rows(ent, neg_GK).chunk(2, dim=-1))
             dist = self.kernel(a_re, a_im, n_re, n_im)
         else:
-            dist = l2_distance(torch.cat([a_re, a_im], -1), ent[neg_GK])
+            dist = l2_distance(torch.cat([a_re, a_im], -1), rows(ent, neg_GK))
         neg = self.margin - dist.view(groups * c, k)[:b]
         if batch.self_valid is None:
             return pos, neg, None
