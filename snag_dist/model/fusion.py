@@ -69,7 +69,7 @@ class SelfAttention(nn.Module):
 
         q, k, v = split(self.query(h_EMH)), split(self.key(h_EMH)), split(self.value(h_EMH))
         # einsum on the token-major views: the same batched products as moving the heads forward first,
-        # without the transposed copies (bit for bit equal; 10 ms of a 190 ms fused bf16 step on one core).
+        # without the transposed copies (bit for bit equal, and faster on CPU: benchmarks/RESULTS.md §4).
         scores_EKMM = torch.einsum("eikd,ejkd->ekij", q, k) / math.sqrt(self.head_dim)
         scores_EKMM = scores_EKMM.masked_fill(~present_EM[:, None, None, :], torch.finfo(scores_EKMM.dtype).min)
         probs_EKMM = F.softmax(scores_EKMM, dim=-1)

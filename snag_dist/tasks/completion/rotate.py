@@ -56,9 +56,9 @@ def pair_distance(x_re: torch.Tensor, x_im: torch.Tensor, y_re: torch.Tensor, y_
 
 
 def rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table[index]`` for any index shape, as ``index_select``: the same values, and a backward that
-    is an ``index_add_`` instead of advanced indexing's accumulating ``index_put_`` (on CPU 1.7-2x faster
-    for a step's gathers, the largest single cost of a structure-only step under bf16)."""
+    """``table[index]`` for any index shape, as ``index_select``: the same values and gradients, with a
+    backward that is an ``index_add_`` instead of advanced indexing's accumulating ``index_put_``, which
+    on CPU was the largest single cost of a structure-only bf16 step (benchmarks/RESULTS.md §4)."""
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
