@@ -366,3 +366,16 @@ def test_rows_are_bucketed_under_cpu_autocast_only(mini_shards):
         half = module(batch)["loss"]
     assert unique % _HALF_BUCKET and seen[-1] % _HALF_BUCKET == 0 and unique < seen[-1] < unique + _HALF_BUCKET
     torch.testing.assert_close(half, plain, rtol=3e-2, atol=3e-2)
+
+
+def test_rows_is_indexing_in_values_and_gradients():
+    from snag_dist.tasks.completion.rotate import rows
+
+    torch.manual_seed(0)
+    table = torch.randn(9, 6, requires_grad=True)
+    index = torch.tensor([[0, 3, 3], [8, 0, 5]])  # 2-D, with repeats: gradients add up
+    got = rows(table, index)
+    want = table[index]
+    assert got.shape == (2, 3, 6) and torch.equal(got, want)
+    g = torch.randn(2, 3, 6)
+    assert torch.equal(torch.autograd.grad(got, table, g)[0], torch.autograd.grad(want, table, g)[0])
