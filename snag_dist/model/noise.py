@@ -76,6 +76,14 @@ def _mix_(z: torch.Tensor) -> torch.Tensor:
     return z
 
 
+def mix_rows(x_BD: torch.Tensor, rows_K: torch.Tensor, eps_KD: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """x_BD with rows ``rows_K`` replaced by (1 - mask_ratio) x + mask_ratio eps. Only those rows are
+    computed: the same values and gradients as a where() over all rows, without two (B, D) passes each
+    way for the ~noise_ratio of rows that change."""
+    mixed_KD = (1.0 - mask_ratio) * x_BD.index_select(0, rows_K) + mask_ratio * eps_KD.to(x_BD.dtype)
+    return x_BD.index_copy(0, rows_K, mixed_KD)
+
+
 def keyed_hash(key: int, ids: torch.Tensor) -> torch.Tensor:
     """(B,) int64: output e+1 of splitmix64 seeded with `key`, for each id e (a counter-based draw)."""
     return _mix_(ids.long() * _GOLDEN + (key + _GOLDEN))
@@ -388,12 +396,8 @@ class GaussModalityNoise(nn.Module):
         self._last[name] = mask_B
         if eps_KD.shape[0] == 0:  # nobody drawn (tiny N or ratio)
             return x_BD
-        # Only the noised rows are mixed (as on the keyed path): the same values and gradients as a
-        # where() over all rows, without two (B, D) passes each way for the ~noise_ratio of them that change.
         rows_K = mask_B.nonzero().squeeze(1)
-        eps_KD = eps_KD.to(x_BD.device)[pos_B.index_select(0, rows_K)]
-        mixed_KD = (1.0 - mask_ratio) * x_BD.index_select(0, rows_K) + mask_ratio * eps_KD.to(x_BD.dtype)
-        return x_BD.index_copy(0, rows_K, mixed_KD)
+        return mix_rows(x_BD, rows_K, eps_KD.to(x_BD.device)[pos_B.index_select(0, rows_K)], mask_ratio)
 
     def _keyed_forward(
         self, name: str, x_BD: torch.Tensor, entity_ids_B: torch.Tensor, mask_ratio: float, step: int | None
@@ -405,9 +409,7 @@ class GaussModalityNoise(nn.Module):
         rows_K = mask_B.nonzero().squeeze(1)
         if rows_K.shape[0] == 0:
             return x_BD
-        eps_KD = self._keyed_eps(name, ids_B.index_select(0, rows_K), step)
-        mixed_KD = (1.0 - mask_ratio) * x_BD.index_select(0, rows_K) + mask_ratio * eps_KD.to(x_BD.dtype)
-        return x_BD.index_copy(0, rows_K, mixed_KD)
+        return mix_rows(x_BD, rows_K, self._keyed_eps(name, ids_B.index_select(0, rows_K), step), mask_ratio)
 
     def extra_repr(self) -> str:
         c = self.cfg
