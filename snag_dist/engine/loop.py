@@ -129,7 +129,11 @@ class Trainer:
         if rank_sums and all(len(v) == self.backend.world_size for v in rank_sums.values()):
             self.state.sums = {k: v[self.backend.rank] for k, v in rank_sums.items()}
         if self.state.phase >= len(self.phases):
-            return True  # the run had finished: nothing left to train
+            if self.state.epoch >= self._phase_bounds(len(self.phases) - 1)[1]:
+                return True  # the run had finished: nothing left to train
+            # A finished run extended by a raised train.epochs (engine/run.py checked that its checkpoint
+            # holds the last epoch's weights and that its lr does not depend on the run's length).
+            self.state.phase = len(self.phases) - 1
         self.logger.rewind(self.state.epoch)
         start, end = self._phase_bounds(self.state.phase)
         self.task.module.load_state_dict(model)

@@ -91,7 +91,7 @@ def _train_locked(cfg: Config, run_dir: Path, resume: bool, progress: bool,
     task = build_task(cfg, backend.rank, backend.world_size, backend.device, comm=comm)
     _check_eval_splits(task, cfg)
     if last is not None:
-        _check_extension(task, changes, last)
+        _check_extension(task, changes, last, cfg.train)
     if backend.is_main:
         save_config(cfg, run_dir / "config.yaml")
         if changes:
@@ -237,8 +237,27 @@ def _resume_changes(run_dir: Path, cfg: Config) -> list[tuple[str, Any, Any]]:
     return check_resume(stored, cfg)
 
 
-def _check_extension(task, changes: list[tuple[str, Any, Any]], last: Path) -> None:
-    """A raised ``train.epochs`` is applied only when the run is unfinished and only the last phase grows."""
+def _finished_refusal(fit: dict, train) -> str | None:
+    """Why a finished run cannot go on to a raised ``train.epochs`` exactly as if it had been started with
+    it (None: it can). Its last checkpoint is written after the test evaluation, on the best weights; it
+    continues the run only when those are the last epoch's, and the lr of every step must not depend on
+    the run's length (a constant lr without warm-up)."""
+    epochs, best = fit.get("epoch"), fit.get("best_epoch")
+    if train.lr_schedule != "constant" or train.warmup_ratio > 0:
+        return (f"the run finished ({epochs} epochs) and its lr schedule depends on the run's length "
+                f"({train.lr_schedule}, warm-up ratio {train.warmup_ratio}); train a new run with more epochs")
+    if train.max_steps and fit.get("global_step", 0) >= train.max_steps:
+        return f"the run stopped at train.max_steps ({train.max_steps}); train a new run with more epochs"
+    if best is None or best != epochs - 1:
+        return (f"the run finished ({epochs} epochs) with its best validation at epoch {best}, not the last "
+                f"({epochs - 1}): its last checkpoint holds the best weights, so it cannot continue the last "
+                "ones; train a new run with more epochs")
+    return None
+
+
+def _check_extension(task, changes: list[tuple[str, Any, Any]], last: Path, train) -> None:
+    """A raised ``train.epochs`` is applied only when only the last phase grows, and to a finished run only
+    when it continues it exactly (``_finished_refusal``)."""
     epochs = next(((a, b) for key, a, b in changes if key == "train.epochs"), None)
     if epochs is None:
         return
@@ -247,12 +266,13 @@ def _check_extension(task, changes: list[tuple[str, Any, Any]], last: Path) -> N
         fit = json.loads((last / "state.json").read_text()).get("fit", {})
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {last} is corrupt: {exc}") from None
-    if fit.get("phase", 0) >= len(old):
-        why = (f"the run finished ({fit.get('epoch')} epochs, its lr schedule ended); train a new run from "
-               "its config.yaml with more epochs")
-    elif [(p.name, p.epochs) for p in old[:-1]] != [(p.name, p.epochs) for p in new[:-1]] or len(old) != len(new):
+    if [(p.name, p.epochs) for p in old[:-1]] != [(p.name, p.epochs) for p in new[:-1]] or len(old) != len(new):
         why = "it changes the task's training phases"
+    elif fit.get("phase", 0) >= len(old):
+        why = _finished_refusal(fit, train)
     else:
+        why = None
+    if why is None:
         return
     raise refusal("--resume auto", "train.epochs", epochs[0], epochs[1], why, RESUME_HINT)
 

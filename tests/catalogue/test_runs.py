@@ -109,6 +109,40 @@ def test_resume_extends_epochs_of_an_unfinished_run_and_records_the_changes(shar
                                  "eval.chunk_size": {"stored": 4096, "requested": 7}}
 
 
+CONSTANT = ("train.lr_schedule=constant", "train.warmup_ratio=0")
+
+
+def test_finished_constant_lr_run_extends_to_the_run_started_with_more_epochs(shards, tmp_path, capsys):
+    """A run that ended at its cap on its best epoch, with an lr that does not depend on the run's length,
+    goes on to a raised train.epochs bit for bit as the run started with it (weights, losses, test);
+    one whose last checkpoint holds an earlier epoch's best weights is refused, naming that epoch."""
+    from safetensors.torch import load_file
+
+    every2 = (*CONSTANT, "train.eval_every=2")  # one validation at epoch 1: the best is the last epoch
+    assert main(_train(shards, tmp_path / "full", "train.epochs=4", *every2)) == 0
+    short = tmp_path / "short"
+    assert main(_train(shards, short, "train.epochs=2", *every2)) == 0
+    assert main(_train(shards, short, "train.epochs=4", *every2, flags=("--resume", "auto"))) == 0
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "epoch_4" / "model.safetensors"))
+    b = load_file(str(short / "checkpoints" / "epoch_4" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[(r["epoch"], r["loss"]) for r in map(json.loads, (run / "train.jsonl").read_text().splitlines())]
+              for run in (tmp_path / "full", short)]
+    assert losses[0] == losses[1] and [e for e, _ in losses[0]] == [0, 1, 2, 3]
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (tmp_path / "full", short)]
+    assert summaries[0] == summaries[1] and summaries[0]["best_epoch"] in (1, 3)
+    (change,) = [json.loads(line) for line in (short / "resume_changes.jsonl").read_text().splitlines()]
+    assert change["checkpoint"] == "epoch_2" and change["changes"]["train.epochs"] == {"stored": 2, "requested": 4}
+
+    early = tmp_path / "early"  # validated every epoch: on this data the best is epoch 0 of 2
+    assert main(_train(shards, early, "train.epochs=2", *CONSTANT)) == 0
+    assert json.loads((early / "summary.json").read_text())["best_epoch"] == 0
+    before = (early / "train.jsonl").read_bytes()
+    _fails(capsys, _train(shards, early, "train.epochs=4", *CONSTANT, flags=("--resume", "auto")),
+           "'train.epochs'", "best validation at epoch 0, not the last (1)")
+    assert (early / "train.jsonl").read_bytes() == before and not (early / "resume_changes.jsonl").exists()
+
+
 def test_eval_set_of_a_model_key_and_missing_checkpoints_are_one_line(finished, tmp_path, capsys):
     _fails(capsys, ["eval", str(finished), "--set", "model.hidden=128"], "'model.hidden'", "stored 16",
            "requested 128")
