@@ -17,6 +17,9 @@ by train + valid + test, realistic ties) and stops the PyKEEN process by the sam
         --struct-config mkg_y_short --pykeen-best runs/tune/pykeen_mkg_y/best.json \
         --pykeen-python .venv-pykeen/bin/python --seeds 1,2,3 --out runs/bench/seeds_mkg_y
 
+`--continue-from EARLIER_OUT` takes the SNAG runs of the same command with a lower cap as far as they are
+exactly this cap's runs (see `continuation`), so raising the cap costs only the epochs after the old one.
+
 Writes OUT/runs.jsonl (one line per finished run; finished runs are reused when the script is re-run) and
 OUT/summary.md (mean +- std per arm over the seeds).
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,9 +86,10 @@ def child_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def snag_run(arm: str, config: str, sets: list[str], seed: int, args, out: Path) -> dict:
+def snag_run(arm: str, config: str, sets: list[str], seed: int, args, out: Path, resume: bool = False) -> dict:
     run = out / f"{arm}-s{seed}"
-    cmd = [sys.executable, "-m", "snag_dist", "train", "--config", config, "--out", str(run), "--quiet", "--overwrite"]
+    cmd = [sys.executable, "-m", "snag_dist", "train", "--config", config, "--out", str(run), "--quiet",
+           *(["--resume", "auto"] if resume else ["--overwrite"])]
     for s in [*sets, f"train.seed={seed}", f"train.epochs={args.max_epochs}", f"train.eval_every={args.eval_every}",
               f"train.patience={args.patience}", *args.set]:
         cmd += ["--set", s]
@@ -99,6 +104,38 @@ def snag_run(arm: str, config: str, sets: list[str], seed: int, args, out: Path)
             "best_epoch": summary["best_epoch"], "epochs_run": len(epochs),
             "best_valid_mrr": max(v["mrr"] for v in valid), "wall_s": wall,
             "train_s": sum(e["seconds"] for e in epochs), "command": " ".join(cmd[1:]), "run": str(run)}
+
+
+def stopped_by_patience(row: dict, patience: int) -> bool:
+    """Whether a finished SNAG run stopped by its patience rule (at or before its cap)."""
+    valid = [json.loads(x) for x in (Path(row["run"]) / "metrics.jsonl").read_text().splitlines()]
+    return sum(v["split"] == "valid" and v["epoch"] > row["best_epoch"] for v in valid) >= patience
+
+
+def continuation(row: dict, args, make_job):
+    """How a SNAG run of an earlier, shorter-capped OUT (`--continue-from`) becomes this cap's run, exactly:
+    its row as it is when it stopped by patience; the engine's `--resume auto` with the raised
+    train.epochs on a copy of its folder when it ended on its best epoch (the engine refuses anything that
+    would not equal the run started with this cap); None (train it anew) otherwise. Needs an lr that does
+    not depend on the cap (constant, no warm-up), as the engine checks."""
+    import yaml
+
+    train = yaml.safe_load((Path(row["run"]) / "config.yaml").read_text())["train"]
+    if train["lr_schedule"] != "constant" or train["warmup_ratio"] > 0 or train["patience"] != args.patience:
+        return None
+    if stopped_by_patience(row, args.patience):
+        return lambda: {**row, "continued_from": row["run"], "note": f"stopped by patience at {train['epochs']}"}
+    if row["best_epoch"] != row["epochs_run"] - 1:
+        return None
+    dst = args.out / Path(row["run"]).name
+
+    def job():
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(row["run"], dst)
+        new = make_job(resume=True)
+        return {**new, "wall_s": row["wall_s"] + new["wall_s"], "continued_from": row["run"],
+                "note": f"resumed from epoch {train['epochs']} with train.epochs={args.max_epochs}"}
+    return job
 
 
 def pykeen_run(seed: int, args, out: Path, known, splits) -> dict:
@@ -173,6 +210,10 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     ap.add_argument("--set", action="append", default=[], help="extra override for every SNAG run")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--continue-from", type=Path, default=None,
+                    help="an earlier OUT of the same command with a lower --max-epochs: its SNAG runs that stopped "
+                         "by patience are reused, those that ended on their best epoch are resumed to the new cap "
+                         "(exactly the runs this command would train), the others are trained anew")
     args = ap.parse_args()
     import torch
 
@@ -180,20 +221,23 @@ def main() -> None:
     log = args.out / "runs.jsonl"
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
     have = {(r["arm"], r["seed"]) for r in done}
+    earlier = {}
+    if args.continue_from is not None:
+        earlier = {(r["arm"], r["seed"]): r for r in map(json.loads, (args.continue_from / "runs.jsonl").read_text().splitlines())}
     known, splits = filtered_splits(args.dataset)
     torch.set_num_threads(1)
     jobs = []
+    snag = {"snag-mm": (args.mm_config, []), "snag-mm-off": (args.mm_config, ["noise.enabled=false"]),
+            "snag-struct": (args.struct_config, ["model.modalities=[structure]"])}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm in args.arms.split(","):
             if (arm, seed) in have:
                 continue
-            if arm == "snag-mm":
-                jobs.append(lambda s=seed: snag_run("snag-mm", args.mm_config, [], s, args, args.out))
-            elif arm == "snag-mm-off":
-                jobs.append(lambda s=seed: snag_run("snag-mm-off", args.mm_config, ["noise.enabled=false"], s, args, args.out))
-            elif arm == "snag-struct":
-                jobs.append(lambda s=seed: snag_run("snag-struct", args.struct_config, ["model.modalities=[structure]"], s,
-                                                    args, args.out))
+            if arm in snag:
+                def make_job(resume=False, a=arm, s=seed):
+                    return snag_run(a, *snag[a], s, args, args.out, resume=resume)
+                job = continuation(earlier[arm, seed], args, make_job) if (arm, seed) in earlier else None
+                jobs.append(job or make_job)
             elif arm == "pykeen":
                 jobs.append(lambda s=seed: pykeen_run(s, args, args.out, known, splits))
             else:
