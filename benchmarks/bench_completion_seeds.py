@@ -124,7 +124,7 @@ def continuation(row: dict, args, make_job):
     if train["lr_schedule"] != "constant" or train["warmup_ratio"] > 0 or train["patience"] != args.patience:
         return None
     if stopped_by_patience(row, args.patience):
-        return lambda: {**row, "continued_from": row["run"], "note": f"stopped by patience at {train['epochs']}"}
+        return lambda: {**row, "continued_from": row["run"], "note": f"stopped by patience under a cap of {train['epochs']}"}
     if row["best_epoch"] != row["epochs_run"] - 1:
         return None
     dst = args.out / Path(row["run"]).name
