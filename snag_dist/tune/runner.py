@@ -73,7 +73,7 @@ def _search_alg(tcfg: TuneConfig, seed: int):
 def _scheduler(tcfg: TuneConfig, cfg: Config, space: SearchSpace):
     if tcfg.scheduler == "none":
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from snag_dist.tune.asha import FinishingASHA
 
     # Time is epochs trained (of the trials' config: the space may fix or search train.epochs);
     # grace_period counts evaluations, so it is scaled by eval_every.
@@ -81,8 +81,8 @@ def _scheduler(tcfg: TuneConfig, cfg: Config, space: SearchSpace):
     searched = [p for p in space.params if p.key == "train.epochs"]
     max_t = max(searched[0].extremes()) if searched else trial.train.epochs
     grace = min(tcfg.grace_period * trial.train.eval_every, max_t)
-    return ASHAScheduler(time_attr="epochs", max_t=max_t, grace_period=grace, reduction_factor=REDUCTION_FACTOR,
-                         stop_last_trials=False)  # a trial at max_t finishes its run (test split, summary)
+    # a trial at max_t finishes its run (test split, summary): asha.py says why this is not just stop_last_trials
+    return FinishingASHA(time_attr="epochs", max_t=max_t, grace_period=grace, reduction_factor=REDUCTION_FACTOR)
 
 
 def trial_name(trial) -> str:
