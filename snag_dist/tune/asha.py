@@ -19,7 +19,8 @@ class FinishingASHA(ASHAScheduler):
         self.finish_attr, self.finish_at = time_attr, max_t
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-        action = super().on_trial_result(tune_controller, trial, result)
+        # Decided before ASHA's bracket sees it (its stop count stays true); the trial's last result still
+        # reaches the bracket through on_trial_complete.
         if result.get(self.finish_attr, 0) >= self.finish_at:
             return TrialScheduler.CONTINUE
-        return action
+        return super().on_trial_result(tune_controller, trial, result)

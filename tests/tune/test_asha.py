@@ -11,7 +11,8 @@ from snag_dist.tune.asha import FinishingASHA
 
 
 def _decisions(scheduler) -> tuple[list[str], list[str]]:
-    """A strong trial reports epochs 1-4 first, then a weak one; the weak one's actions per epoch."""
+    """A strong trial reports epochs 1-4; then a weak trial at epoch 1 and another only at max_t: the strong
+    trial's actions, and the two weak trials' actions."""
     scheduler.set_search_properties(metric="mrr", mode="max")
     strong, weak = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
     for t in (strong, weak):
