@@ -12,6 +12,10 @@ The timed loop includes making the batches (negative sampling, filtering) on bot
   snag-fused-*    SNAG structure + relation + name tokens through the Transformer fusion, GMNM on
                   (`db15k_mm`), fp32 or bf16 autocast (bf16 runs the encoders and fusion in bf16; RotatE
                   distances stay fp32)
+  floor-*         not SNAG, a bound: `snag-struct-*`'s step with SNAG's per-entity layers taken out (the
+                  entity table's rows go straight into RotatE: same batches, shared negatives, l2 distance
+                  by matrix products, loss, self negative, fused AdamW over the whole table). What a
+                  structure-only step costs before any encoder or fusion runs; benchmark code only.
 Then each side's filtered test evaluation once: SNAG's evaluator on the whole test split (head + tail), and
 PyKEEN's RankBasedEvaluator on `--pykeen-eval-sample` test triples, scaled to the split.
 
@@ -43,6 +47,8 @@ ARMS = {
                            "chunk": 16},
     "snag-fused-unf-c16-bf16": {"side": "snag", "config": "db15k_mm", "mods": "structure,relation,name",
                                 "filtered": False, "chunk": 16, "bf16": True},
+    "floor-unf-c16": {"side": "snag", "config": "db15k_short", "mods": "structure", "filtered": False, "chunk": 16,
+                      "floor": True},
     "pykeen-filt": {"side": "pykeen", "filtered": True},
     "snag-struct-filt-c16": {"side": "snag", "config": "db15k_short", "mods": "structure", "filtered": True, "chunk": 16},
     "snag-fused-filt-c16-bf16": {"side": "snag", "config": "db15k_mm", "mods": "structure,relation,name",
@@ -100,6 +106,12 @@ def snag_worker(arm: dict, dataset: str, warmup: int, evaluate: bool) -> dict:
     seed_torch(cfg.train.seed)
     task = CompletionTask.from_config(cfg)
     module = task.module
+    if arm.get("floor"):  # the table's rows are the RotatE vectors: no encoder, fusion or projection
+        table = torch.nn.Embedding(task.num_entities, 2 * cfg.task.completion.dim)
+        torch.nn.init.uniform_(table.weight, -module.rotate.range, module.rotate.range)
+        module.projection, module.table = None, table
+        module.model.requires_grad_(False)  # kept only for the epoch hooks (GMNM is off); never called
+        module.entity_vectors = lambda ids: table(ids)
     opt = build_optimizer(module, cfg.train.lr, cfg.train.weight_decay, cfg.train.embedding_lr_scale, cfg.train.lr_scales)
     cast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if arm.get("bf16") else contextlib.nullcontext
     task.on_epoch_start(0, module, None)
